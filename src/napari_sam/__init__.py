@@ -1,0 +1,54 @@
+"""napari-sam-labeler: label 2D images and 3D stacks with Segment Anything.
+
+Importing this package is cheap: torch, transformers, napari and Qt load only when a
+name that needs them is first used.
+
+>>> import napari_sam
+>>> engine = napari_sam.load_model()            # doctest: +SKIP
+>>> emb = engine.embed(image)                   # doctest: +SKIP
+>>> pred = engine.predict(emb, points=[[120, 80]], point_labels=[1])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+
+# public name -> module that defines it
+_LAZY = {
+    "load_model": "engine",
+    "SamEngine": "engine",
+    "ModelNotFoundError": "engine",
+    "DEFAULT_MODEL": "engine",
+    "resolve_model_source": "engine",
+    "ImageEmbedding": "_types",
+    "Prediction": "_types",
+    "Prompt": "_types",
+    "IntensityMapping": "_types",
+    "ModelInputSpec": "_types",
+    "CT_PRESETS": "preprocess",
+    "resolve_intensity": "preprocess",
+    "to_rgb_uint8": "preprocess",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._types import ImageEmbedding, IntensityMapping, ModelInputSpec, Prediction, Prompt
+    from .engine import DEFAULT_MODEL, ModelNotFoundError, SamEngine, load_model, resolve_model_source
+    from .preprocess import CT_PRESETS, resolve_intensity, to_rgb_uint8
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'napari_sam' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,758 @@
+"""SAM through transformers' ``SamModel``: load, encode once, decode many.
+
+The split follows Meta's ``SamPredictor``: :meth:`SamEngine.embed` runs the heavy image
+encoder once and returns an :class:`~napari_sam._types.ImageEmbedding` that holds all
+the decoder needs; :meth:`SamEngine.predict` / :meth:`SamEngine.predict_batch` turn
+prompts into masks from it in milliseconds without touching the image again.
+
+Models load from a Hugging Face id, a local ``save_pretrained`` directory, or a Meta
+format ``.pth`` checkpoint (original SAM, MedSAM, micro-sam), converted on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import preprocess as pp
+from ._types import (
+    ImageEmbedding,
+    IntensityMapping,
+    ModelInputSpec,
+    Prediction,
+    Prompt,
+    medsam_input_spec,
+    sam_input_spec,
+)
+
+DEFAULT_MODEL = "facebook/sam-vit-large"
+MODEL_ENV = "NAPARI_SAM_MODEL"
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+
+# How many prompt sets go through the decoder in one call; bounds peak memory for
+# large batches (automatic segmentation grids) without costing small ones anything.
+DECODE_CHUNK = 64
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """Weights could not be found; the message lists what was tried and how to fix it."""
+
+
+def _how_to_get_weights(model: str) -> str:
+    return (
+        "How to provide weights:\n"
+        f"  * on a machine with internet: `huggingface-cli download {model}` (or run once "
+        "online) fills the Hugging Face cache; copy that cache (HF_HOME, default "
+        "~/.cache/huggingface) to this machine, or\n"
+        "  * save a local copy with `SamModel.from_pretrained(...).save_pretrained(DIR)` and "
+        f"pass DIR (or set {MODEL_ENV}=DIR), or\n"
+        "  * download a Meta checkpoint (sam_vit_b_01ec64.pth, sam_vit_l_0b3195.pth, "
+        "sam_vit_h_4b8939.pth from https://github.com/facebookresearch/segment-anything"
+        "#model-checkpoints, or MedSAM's medsam_vit_b.pth) and pass its path "
+        f"(or set {MODEL_ENV}=/path/to/file.pth)."
+    )
+
+
+# --- device and dtype -----------------------------------------------------------------
+
+
+def resolve_device(device: str | Any = "auto"):
+    """``"auto"`` → CUDA, else MPS, else CPU; explicit names are checked for availability."""
+    import torch
+
+    if isinstance(device, torch.device):
+        device = str(device)
+    name = str(device).lower() if device is not None else "auto"
+    mps_ok = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if mps_ok:
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} requested but CUDA is not available here")
+        return torch.device(name)
+    if name == "mps":
+        if not mps_ok:
+            raise ValueError("device='mps' requested but MPS is not available here")
+        return torch.device("mps")
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"device={device!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
+
+
+_DTYPE_NAMES = {
+    "fp32": "float32", "float32": "float32", "float": "float32",
+    "bf16": "bfloat16", "bfloat16": "bfloat16",
+    "fp16": "float16", "float16": "float16", "half": "float16",
+}
+
+
+def resolve_dtype(dtype: str | Any, device) -> Any:
+    """``"auto"`` → bf16 on CUDA with bf16 support, else fp32. fp16 needs CUDA or MPS."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        name = str(dtype).replace("torch.", "")
+    else:
+        name = str(dtype).lower() if dtype is not None else "auto"
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in _DTYPE_NAMES:
+        raise ValueError(f"dtype={dtype!r} is not one of 'auto', 'fp32', 'bf16', 'fp16'")
+    resolved = getattr(torch, _DTYPE_NAMES[name])
+    if resolved == torch.float16 and device.type not in ("cuda", "mps"):
+        raise ValueError(
+            "dtype='fp16' needs a CUDA or MPS device (CPU half precision is slow and "
+            "inaccurate); use 'fp32' or 'bf16' on CPU"
+        )
+    return resolved
+
+
+# --- locating weights -----------------------------------------------------------------
+
+
+@dataclass
+class ModelSource:
+    """Where a model resolves to: ``kind`` is ``"hf_dir"``, ``"hf_id"`` or ``"checkpoint"``."""
+
+    requested: str
+    kind: str
+    location: str
+    tried: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return f"{self.kind}: {self.location}"
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", name)) and not name.endswith(
+        CHECKPOINT_SUFFIXES
+    )
+
+
+def resolve_model_source(model: str | os.PathLike | None = None) -> ModelSource:
+    """Decide where ``model`` comes from, without loading it.
+
+    ``None`` reads ``$NAPARI_SAM_MODEL``, else :data:`DEFAULT_MODEL`. An existing
+    directory is a ``save_pretrained`` folder, an existing file a Meta checkpoint,
+    anything shaped like ``org/name`` a Hugging Face id.
+    """
+    if model is None:
+        model = os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+    requested = os.fspath(model)
+    path = Path(requested).expanduser()
+    tried = [f"local path {path}"]
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"model directory {path} has no config.json; expected a transformers "
+                "`save_pretrained` folder of a SamModel.\n" + _how_to_get_weights(DEFAULT_MODEL)
+            )
+        return ModelSource(requested, "hf_dir", str(path), tried)
+    if path.is_file():
+        return ModelSource(requested, "checkpoint", str(path), tried)
+    if _looks_like_hub_id(requested):
+        return ModelSource(requested, "hf_id", requested, tried)
+    raise ModelNotFoundError(
+        f"model {requested!r} is neither an existing directory, an existing checkpoint "
+        f"file, nor a Hugging Face id (org/name). Tried: {', '.join(tried)}.\n"
+        + _how_to_get_weights(DEFAULT_MODEL)
+    )
+
+
+def hub_cache_path(model_id: str) -> str | None:
+    """The local snapshot folder of a Hugging Face id, if it is in the cache."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model_id, local_files_only=True)
+    except Exception:  # not cached (or hub lib missing): the caller reports it
+        return None
+
+
+# --- Meta checkpoint conversion -------------------------------------------------------
+
+# Ordered (pattern, replacement) rules from Meta's segment-anything module names to
+# transformers' SamModel names (same mapping as transformers' convert_sam_to_hf.py).
+_META_TO_HF_RULES: list[tuple[str, str]] = [
+    (r"^image_encoder\.", "vision_encoder."),
+    (r"^vision_encoder\.blocks\.", "vision_encoder.layers."),
+    (r"\.patch_embed\.proj\.", ".patch_embed.projection."),
+    (r"\.neck\.0\.", ".neck.conv1."),
+    (r"\.neck\.1\.", ".neck.layer_norm1."),
+    (r"\.neck\.2\.", ".neck.conv2."),
+    (r"\.neck\.3\.", ".neck.layer_norm2."),
+    (r"^prompt_encoder\.pe_layer\.positional_encoding_gaussian_matrix$",
+     "prompt_encoder.shared_embedding.positional_embedding"),
+    (r"^prompt_encoder\.point_embeddings\.", "prompt_encoder.point_embed."),
+    (r"\.mask_downscaling\.0\.", ".mask_embed.conv1."),
+    (r"\.mask_downscaling\.1\.", ".mask_embed.layer_norm1."),
+    (r"\.mask_downscaling\.3\.", ".mask_embed.conv2."),
+    (r"\.mask_downscaling\.4\.", ".mask_embed.layer_norm2."),
+    (r"\.mask_downscaling\.6\.", ".mask_embed.conv3."),
+    (r"\.output_upscaling\.0\.", ".upscale_conv1."),
+    (r"\.output_upscaling\.1\.", ".upscale_layer_norm."),
+    (r"\.output_upscaling\.3\.", ".upscale_conv2."),
+    # norm1, norm2, norm_final_attn, ... → layer_norm1, ... (vision and two-way blocks)
+    (r"\.norm(\w*)\.", r".layer_norm\1."),
+]
+_MLP_RE = re.compile(r"^(.*\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head))\.layers\.(\d+)\.(.*)$")
+
+
+def _unwrap_state_dict(obj: Any, path: str) -> dict:
+    """Find the SAM weights inside what ``torch.load`` returned (bare or wrapped)."""
+    import torch
+
+    if isinstance(obj, dict):
+        for key in ("model_state", "state_dict", "model"):
+            inner = obj.get(key)
+            if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+                obj = inner
+                break
+    if not isinstance(obj, dict) or not obj:
+        raise ValueError(f"checkpoint {path} does not contain a state dict of tensors")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    anchor = next((k for k in tensors if "image_encoder.patch_embed" in k), None)
+    if anchor is None:
+        raise ValueError(
+            f"checkpoint {path} has no 'image_encoder.patch_embed' weights: not a Meta-format "
+            "SAM checkpoint (first keys: " + ", ".join(list(tensors)[:5]) + ")"
+        )
+    # Wrappers such as micro-sam's trainer or DataParallel prefix every key ("sam.", "module.").
+    prefix = anchor[: anchor.index("image_encoder.")]
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def meta_to_hf_state_dict(state: dict) -> dict:
+    """Rename Meta ``segment_anything`` weights to transformers ``SamModel`` names."""
+    out = {}
+    mlp_depths: dict[str, int] = {}
+    for key in state:
+        m = _MLP_RE.match(key)
+        if m:
+            mlp_depths[m.group(1)] = max(mlp_depths.get(m.group(1), 0), int(m.group(2)) + 1)
+    for key, value in state.items():
+        if key in ("pixel_mean", "pixel_std"):
+            continue  # preprocessing is ours (ModelInputSpec), not a weight
+        m = _MLP_RE.match(key)
+        if m:
+            base, idx, rest = m.group(1), int(m.group(2)), m.group(3)
+            depth = mlp_depths[base]
+            name = "proj_in" if idx == 0 else "proj_out" if idx == depth - 1 else f"layers.{idx - 1}"
+            key = f"{base}.{name}.{rest}"
+        for pattern, repl in _META_TO_HF_RULES:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    pe = "prompt_encoder.shared_embedding.positional_embedding"
+    if pe in out:
+        out["shared_image_embedding.positional_embedding"] = out[pe]
+    return out
+
+
+def config_from_meta_state(state: dict, decoder_heads: int = 8):
+    """Build a ``SamConfig`` from the shapes in a Meta-format state dict.
+
+    Everything is read from tensor shapes except the mask decoder's attention heads,
+    which no weight reveals; all Meta SAM variants (and MedSAM, micro-sam) use 8.
+    """
+    from transformers import SamConfig, SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig
+
+    patch = state["image_encoder.patch_embed.proj.weight"]
+    hidden, channels, patch_size = int(patch.shape[0]), int(patch.shape[1]), int(patch.shape[2])
+    layers = sorted({int(k.split(".")[2]) for k in state if k.startswith("image_encoder.blocks.")})
+    if "image_encoder.pos_embed" in state:
+        grid = int(state["image_encoder.pos_embed"].shape[1])
+    else:
+        raise ValueError("checkpoint lacks image_encoder.pos_embed; cannot infer the image size")
+    image_size = grid * patch_size
+    rel = state.get("image_encoder.blocks.0.attn.rel_pos_h")
+    if rel is None:
+        raise ValueError("checkpoint lacks relative position weights (rel_pos_h)")
+    heads = hidden // int(rel.shape[1])
+    global_idx, window = [], 14
+    for i in layers:
+        n = int(state[f"image_encoder.blocks.{i}.attn.rel_pos_h"].shape[0])
+        if n == 2 * grid - 1:
+            global_idx.append(i)
+        else:
+            window = (n + 1) // 2
+    out_channels = int(state["image_encoder.neck.0.weight"].shape[0])
+    vision = SamVisionConfig(
+        hidden_size=hidden,
+        output_channels=out_channels,
+        num_hidden_layers=len(layers),
+        num_attention_heads=heads,
+        num_channels=channels,
+        image_size=image_size,
+        patch_size=patch_size,
+        mlp_dim=int(state["image_encoder.blocks.0.mlp.lin1.weight"].shape[0]),
+        qkv_bias="image_encoder.blocks.0.attn.qkv.bias" in state,
+        window_size=window,
+        global_attn_indexes=global_idx,
+        num_pos_feats=int(state["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"].shape[1]),
+    )
+    prompt = SamPromptEncoderConfig(
+        hidden_size=out_channels,
+        image_size=image_size,
+        patch_size=patch_size,
+        mask_input_channels=int(state["prompt_encoder.mask_downscaling.3.weight"].shape[0]),
+    )
+    dec_hidden = int(state["mask_decoder.iou_token.weight"].shape[1])
+    dec_layers = {int(k.split(".")[3]) for k in state if k.startswith("mask_decoder.transformer.layers.")}
+    iou_layers = {int(k.split(".")[3]) for k in state if k.startswith("mask_decoder.iou_prediction_head.layers.")}
+    q = state["mask_decoder.transformer.layers.0.cross_attn_token_to_image.q_proj.weight"]
+    decoder = SamMaskDecoderConfig(
+        hidden_size=dec_hidden,
+        mlp_dim=int(state["mask_decoder.transformer.layers.0.mlp.lin1.weight"].shape[0]),
+        num_hidden_layers=len(dec_layers),
+        num_attention_heads=decoder_heads,
+        attention_downsample_rate=dec_hidden // int(q.shape[0]),
+        num_multimask_outputs=int(state["mask_decoder.mask_tokens.weight"].shape[0]) - 1,
+        iou_head_depth=len(iou_layers),
+        iou_head_hidden_dim=int(state["mask_decoder.iou_prediction_head.layers.0.weight"].shape[0]),
+    )
+    return SamConfig(
+        vision_config=vision.to_dict(),
+        prompt_encoder_config=prompt.to_dict(),
+        mask_decoder_config=decoder.to_dict(),
+    )
+
+
+def _set_sdpa(config) -> None:
+    """Ask for PyTorch SDPA attention where transformers supports it for SAM."""
+    try:
+        config._attn_implementation = "sdpa"
+    except Exception:  # older transformers without the setter keep their default
+        pass
+
+
+def load_meta_checkpoint(path: str | os.PathLike, config=None):
+    """Load a Meta-format SAM checkpoint (``weights_only=True``) into a ``SamModel``."""
+    import torch
+    from transformers import SamModel
+
+    path = os.fspath(path)
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(
+            f"cannot read checkpoint {path} as a PyTorch weights file "
+            f"(loaded with weights_only=True): {exc}"
+        ) from exc
+    meta = _unwrap_state_dict(raw, path)
+    if config is None:
+        config = config_from_meta_state(meta)
+    _set_sdpa(config)
+    model = SamModel(config)
+    hf = meta_to_hf_state_dict(meta)
+    result = model.load_state_dict(hf, strict=False)
+    missing = [k for k in result.missing_keys]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"checkpoint {path} does not match the SAM architecture inferred from it: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    return model
+
+
+def _weights_fingerprint(model) -> str:
+    """A stable identity of the weights: names, shapes and a sample of every tensor.
+
+    Cheap even for ViT-H (it reads at most 2 MiB per tensor), and it changes whenever a
+    fine-tune changes weights, which is what cache keys need.
+    """
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous().float().reshape(-1)
+        h.update(f"{name}:{tuple(tensor.shape)};".encode())
+        n = t.numel()
+        sample = t if n <= 2 * 262144 else torch.cat([t[:262144], t[-262144:]])
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _spec_from_source(source: ModelSource, model, preprocessing) -> ModelInputSpec:
+    target = int(model.config.vision_config.image_size)
+    if isinstance(preprocessing, ModelInputSpec):
+        return preprocessing
+    if preprocessing is not None:
+        name = str(preprocessing).lower()
+        if name == "sam":
+            return sam_input_spec(target)
+        if name == "medsam":
+            return medsam_input_spec(target)
+        raise ValueError(f"preprocessing={preprocessing!r} is not 'sam', 'medsam' or a ModelInputSpec")
+    names = [source.requested, source.location, str(getattr(model.config, "_name_or_path", ""))]
+    if any("medsam" in n.lower() for n in names):
+        return medsam_input_spec(target)
+    spec = sam_input_spec(target)
+    if source.kind == "hf_dir":
+        proc = Path(source.location) / "preprocessor_config.json"
+        if proc.is_file():
+            cfg = json.loads(proc.read_text())
+            if cfg.get("do_normalize", True) and "image_mean" in cfg and "image_std" in cfg:
+                spec = ModelInputSpec(
+                    kind="sam", target_length=target,
+                    mean=tuple(float(v) for v in cfg["image_mean"]),
+                    std=tuple(float(v) for v in cfg["image_std"]),
+                )
+    return spec
+
+
+def load_model(
+    model: str | os.PathLike | None = None,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    preprocessing: str | ModelInputSpec | None = None,
+    config=None,
+) -> "SamEngine":
+    """Load a SAM model and return a ready :class:`SamEngine`.
+
+    Parameters
+    ----------
+    model : str or path, optional
+        Hugging Face id (``"facebook/sam-vit-large"``), a local ``save_pretrained``
+        directory, or a Meta-format checkpoint file (``sam_vit_l_0b3195.pth``,
+        ``medsam_vit_b.pth``, micro-sam ``.pt``). Default: ``$NAPARI_SAM_MODEL``, else
+        ``facebook/sam-vit-large``.
+    device : {"auto", "cpu", "cuda", "cuda:N", "mps"}
+        ``"auto"`` picks CUDA, else MPS, else CPU.
+    dtype : {"auto", "fp32", "bf16", "fp16"}
+        ``"auto"`` is bf16 on CUDA devices that support it, else fp32.
+    preprocessing : {"sam", "medsam"} or ModelInputSpec, optional
+        Override the input convention; by default MedSAM is recognised by name.
+    config : transformers.SamConfig, optional
+        Architecture for a Meta checkpoint whose shape cannot be inferred (decoder heads).
+
+    Raises
+    ------
+    ModelNotFoundError
+        When the weights are not available; the message says what was tried and how to
+        provide them.
+    """
+    import torch
+    from transformers import SamModel
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    source = resolve_model_source(model)
+    if source.kind == "checkpoint":
+        sam = load_meta_checkpoint(source.location, config=config)
+    else:
+        kwargs: dict[str, Any] = {"attn_implementation": "sdpa"}
+        location = source.location
+        if source.kind == "hf_id":
+            cached = hub_cache_path(location)
+            source.tried.append(f"Hugging Face cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')})")
+            if cached is not None:
+                location = cached
+            elif os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+                raise ModelNotFoundError(
+                    f"model {source.requested!r} is not in the Hugging Face cache and "
+                    f"HF_HUB_OFFLINE is set. Tried: {', '.join(source.tried)}.\n"
+                    + _how_to_get_weights(source.requested)
+                )
+            else:
+                source.tried.append("download from the Hugging Face Hub")
+        try:
+            sam = SamModel.from_pretrained(location, **kwargs)
+        except (OSError, ValueError) as exc:
+            if source.kind == "hf_dir":
+                raise ModelNotFoundError(
+                    f"cannot load a SamModel from directory {location}: {exc}\n"
+                    + _how_to_get_weights(DEFAULT_MODEL)
+                ) from exc
+            raise ModelNotFoundError(
+                f"model {source.requested!r} could not be loaded (offline or not cached). "
+                f"Tried: {', '.join(source.tried)}. Last error: {str(exc).splitlines()[0]}\n"
+                + _how_to_get_weights(source.requested)
+            ) from exc
+    sam.eval()
+    fingerprint = _weights_fingerprint(sam)
+    spec = _spec_from_source(source, sam, preprocessing)
+    sam.to(device=dev, dtype=dt)
+    return SamEngine(sam, device=dev, dtype=dt, spec=spec, source=source, fingerprint=fingerprint)
+
+
+def _as_points(points, labels, original_size) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
+    if points is None:
+        if labels is not None:
+            raise ValueError("point_labels given without points")
+        return None, None
+    pts = np.asarray(points, dtype=np.float64)
+    if pts.ndim == 1 and pts.size == 2:
+        pts = pts[None]
+    if pts.ndim != 2 or pts.shape[1] != 2:
+        raise ValueError(f"points must have shape (N, 2) as (row, col); got {pts.shape}")
+    if len(pts) == 0:
+        raise ValueError("points is empty; pass None for no points")
+    if not np.all(np.isfinite(pts)):
+        raise ValueError("points contain NaN or infinite coordinates")
+    h, w = original_size
+    outside = (pts[:, 0] < -0.5) | (pts[:, 0] > h - 0.5) | (pts[:, 1] < -0.5) | (pts[:, 1] > w - 0.5)
+    if outside.any():
+        raise ValueError(
+            f"points {pts[outside].tolist()} lie outside the image of shape {(h, w)} "
+            "(coordinates are (row, col) in pixels)"
+        )
+    if labels is None:
+        lab = np.ones(len(pts), np.int64)
+    else:
+        lab = np.asarray(labels).astype(np.int64).reshape(-1)
+        if len(lab) != len(pts):
+            raise ValueError(
+                f"point_labels has {len(lab)} entries but points has {len(pts)}; give one label per point"
+            )
+        if not np.all(np.isin(lab, (0, 1))):
+            raise ValueError(f"point_labels must be 1 (positive) or 0 (negative); got {sorted(set(lab.tolist()))}")
+    return pts, lab
+
+
+def _as_box(box, original_size) -> np.ndarray | None:
+    if box is None:
+        return None
+    b = np.asarray(box, dtype=np.float64).reshape(-1)
+    if b.shape != (4,):
+        raise ValueError(f"box must be (row_min, col_min, row_max, col_max); got shape {np.shape(box)}")
+    if not np.all(np.isfinite(b)):
+        raise ValueError(f"box contains NaN or infinite values: {b.tolist()}")
+    if b[0] > b[2] or b[1] > b[3]:
+        raise ValueError(f"box has min > max: {b.tolist()} (expected row_min <= row_max, col_min <= col_max)")
+    h, w = original_size
+    if b[2] < -0.5 or b[3] < -0.5 or b[0] > h - 0.5 or b[1] > w - 0.5:
+        raise ValueError(f"box {b.tolist()} lies entirely outside the image of shape {(h, w)}")
+    # A box that overhangs the border (a drag past the edge) means "up to the edge".
+    return np.clip(b, [-0.5, -0.5, -0.5, -0.5], [h - 0.5, w - 0.5, h - 0.5, w - 0.5])
+
+
+class SamEngine:
+    """A loaded SAM model with its device, dtype and input convention.
+
+    Create with :func:`load_model`. Methods are safe to call from a worker thread; one
+    engine serves many images.
+    """
+
+    def __init__(self, model, *, device, dtype, spec: ModelInputSpec, source: ModelSource, fingerprint: str):
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.spec = spec
+        self.source = source
+        self.fingerprint = fingerprint
+        cfg = model.config
+        self.embedding_size = int(cfg.prompt_encoder_config.image_embedding_size)
+        self.low_res_size = 4 * self.embedding_size
+
+    @property
+    def model_id(self) -> str:
+        """Weights fingerprint plus input convention: what an embedding depends on."""
+        return hashlib.sha256(f"{self.fingerprint}|{self.spec.key()}".encode()).hexdigest()[:32]
+
+    def __repr__(self) -> str:
+        return (
+            f"SamEngine({self.source.describe()}, device={self.device}, "
+            f"dtype={str(self.dtype).replace('torch.', '')}, preprocessing={self.spec.kind})"
+        )
+
+    # --- encoding ---------------------------------------------------------------------
+
+    def encode_rgb(self, images: Sequence[np.ndarray]):
+        """Run the image encoder on uint8 RGB images; returns features ``(B, C, h, w)``.
+
+        The low-level entry for batched stack encoding; most callers use :meth:`embed`.
+        """
+        import torch
+
+        pixels = np.stack([pp.model_input(rgb, self.spec)[0] for rgb in images])
+        tensor = torch.from_numpy(pixels).to(device=self.device, dtype=self.dtype)
+        with torch.inference_mode():
+            return self.model.get_image_embeddings(tensor)
+
+    def embed(
+        self,
+        image,
+        *,
+        mapping: IntensityMapping | None = None,
+        window: tuple[float, float] | None = None,
+        preset: str | None = None,
+        percentiles: tuple[float, float] | None = None,
+        channel: int | None = None,
+    ) -> ImageEmbedding:
+        """Encode one 2D image.
+
+        Parameters
+        ----------
+        image : ndarray, shape (H, W) or (H, W, C)
+            uint8, uint16, int16, float or bool pixels; RGB/RGBA or multichannel.
+        mapping : IntensityMapping, optional
+            A mapping resolved beforehand (e.g. once for a whole volume). Otherwise it is
+            resolved from this image with ``window``/``preset``/``percentiles``/``channel``
+            (see :func:`napari_sam.preprocess.resolve_intensity`).
+
+        Returns
+        -------
+        ImageEmbedding
+        """
+        image = pp.check_image_2d(image)
+        if mapping is None:
+            mapping = pp.resolve_intensity(
+                image, window=window, preset=preset, percentiles=percentiles, channel=channel
+            )
+        rgb = pp.to_rgb_uint8(image, mapping)
+        features = self.encode_rgb([rgb])
+        return ImageEmbedding(
+            features=features,
+            original_size=(int(image.shape[0]), int(image.shape[1])),
+            input_size=pp.resized_shape(image.shape[:2], self.spec),
+            spec=self.spec,
+            mapping=mapping,
+            model_id=self.model_id,
+        )
+
+    # --- decoding ---------------------------------------------------------------------
+
+    def _check_embedding(self, embedding: ImageEmbedding) -> None:
+        if not isinstance(embedding, ImageEmbedding):
+            raise TypeError(f"embedding must be an ImageEmbedding, got {type(embedding).__name__}")
+        if embedding.model_id != self.model_id:
+            raise ValueError(
+                "embedding was computed by a different model or preprocessing "
+                f"({embedding.model_id} != {self.model_id}); re-embed the image with this engine"
+            )
+
+    def _mask_logits(self, mask_input, original_size) -> np.ndarray | None:
+        if mask_input is None:
+            return None
+        arr = np.asarray(mask_input)
+        size = self.low_res_size
+        if arr.dtype.kind == "f":
+            if arr.shape in ((size, size), (1, size, size)):
+                return arr.reshape(size, size).astype(np.float32)
+            raise ValueError(
+                f"mask_input of float dtype is taken as low-res logits of shape ({size}, {size}); "
+                f"got {arr.shape}. Pass a bool/integer mask of the image size {tuple(original_size)} instead."
+            )
+        if arr.dtype.kind in "biu":
+            return pp.mask_to_logits(arr, original_size, self.spec, size)
+        raise TypeError(f"mask_input has unsupported dtype {arr.dtype}")
+
+    def predict(
+        self,
+        embedding: ImageEmbedding,
+        points=None,
+        point_labels=None,
+        box=None,
+        mask_input=None,
+        multimask: bool = False,
+    ) -> Prediction:
+        """Decode one prompt set into masks (see :class:`~napari_sam._types.Prompt`).
+
+        Points are ``(N, 2)`` ``(row, col)`` pixels; labels 1 = positive, 0 = negative
+        (all positive if omitted). ``box`` is ``(row_min, col_min, row_max, col_max)``.
+        ``mask_input`` takes earlier low-res logits or a binary mask at image size.
+        Returns masks ``(K, H, W)`` bool, K = 3 with ``multimask`` else 1.
+        """
+        prompt = Prompt(points=points, point_labels=point_labels, box=box, mask_input=mask_input)
+        return self.predict_batch(embedding, [prompt], multimask=multimask)[0]
+
+    def predict_batch(
+        self,
+        embedding: ImageEmbedding,
+        prompts: Sequence[Prompt],
+        multimask: bool = False,
+    ) -> list[Prediction]:
+        """Decode many prompt sets for one image in batched decoder calls.
+
+        Prompt sets with the same structure (number of points, box or not, mask or not)
+        run together, so each is decoded exactly as it would be alone.
+        """
+        import torch
+
+        self._check_embedding(embedding)
+        size = embedding.original_size
+        parsed = []
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, Prompt):
+                raise TypeError(f"prompts[{i}] must be a Prompt, got {type(prompt).__name__}")
+            pts, lab = _as_points(prompt.points, prompt.point_labels, size)
+            box = _as_box(prompt.box, size)
+            logits = self._mask_logits(prompt.mask_input, size)
+            if pts is None and box is None and logits is None:
+                raise ValueError(f"prompt {i} is empty: give points, a box or a mask_input")
+            parsed.append((pts, lab, box, logits))
+
+        groups: dict[tuple, list[int]] = {}
+        for i, (pts, _, box, logits) in enumerate(parsed):
+            key = (0 if pts is None else len(pts), box is not None, logits is not None)
+            groups.setdefault(key, []).append(i)
+
+        results: list[Prediction | None] = [None] * len(parsed)
+        feats = embedding.features.to(device=self.device, dtype=self.dtype)
+        for (n_points, has_box, has_mask), members in groups.items():
+            for start in range(0, len(members), DECODE_CHUNK):
+                chunk = members[start:start + DECODE_CHUNK]
+                b = len(chunk)
+                kwargs: dict[str, Any] = {}
+                if n_points:
+                    xy = np.stack([pp.points_to_model(parsed[i][0], size, self.spec) for i in chunk])
+                    kwargs["input_points"] = torch.from_numpy(xy[:, None]).to(self.device)
+                    kwargs["input_labels"] = torch.from_numpy(
+                        np.stack([parsed[i][1] for i in chunk])[:, None]
+                    ).to(self.device)
+                if has_box:
+                    boxes = np.stack([pp.box_to_model(parsed[i][2], size, self.spec) for i in chunk])
+                    kwargs["input_boxes"] = torch.from_numpy(boxes[:, None]).to(self.device)
+                if has_mask:
+                    masks = np.stack([parsed[i][3] for i in chunk])[:, None]
+                    kwargs["input_masks"] = torch.from_numpy(masks).to(self.device, self.dtype)
+                with torch.inference_mode():
+                    out = self.model(
+                        image_embeddings=feats.expand(b, -1, -1, -1),
+                        multimask_output=bool(multimask),
+                        **kwargs,
+                    )
+                low = out.pred_masks[:, 0].float()  # (b, K, L, L)
+                scores = out.iou_scores[:, 0].float()  # (b, K)
+                full = self.upscale_logits(low, embedding)  # (b, K, H, W)
+                for j, i in enumerate(chunk):
+                    results[i] = Prediction(
+                        masks=(full[j] > 0).cpu().numpy(),
+                        scores=scores[j].cpu().numpy().astype(np.float32),
+                        logits=low[j].cpu().numpy().astype(np.float32),
+                    )
+        return results  # type: ignore[return-value]
+
+    def upscale_logits(self, low_res, embedding: ImageEmbedding):
+        """Low-res logits ``(..., L, L)`` → logits at the original image size.
+
+        Upsample to the model input square, drop the padding, resize to ``(H, W)``
+        (what Meta's predictor and ``SamProcessor.post_process_masks`` do).
+        """
+        import torch
+        import torch.nn.functional as F
+
+        lead = low_res.shape[:-2]
+        x = low_res.reshape(-1, 1, *low_res.shape[-2:])
+        t = self.spec.target_length
+        x = F.interpolate(x, (t, t), mode="bilinear", align_corners=False)
+        h, w = embedding.input_size
+        x = x[..., :h, :w]
+        x = F.interpolate(x, tuple(embedding.original_size), mode="bilinear", align_corners=False)
+        return x.reshape(*lead, *embedding.original_size).to(torch.float32)

@@ -1,0 +1,130 @@
+"""Shared fixtures: tiny random SAM checkpoints built on the spot (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import pytest
+
+# Tests never reach the network, and the user's own model choice must not leak in.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.pop("NAPARI_SAM_MODEL", None)
+
+TINY_IMAGE_SIZE = 256
+
+
+def tiny_sam_config(image_size: int = TINY_IMAGE_SIZE):
+    """A SamConfig that runs in milliseconds (see shared/STYLE.md).
+
+    The decoder keeps Meta's 8 heads so a Meta-format export of it loads without an
+    explicit config; initializer_range 0.02 avoids degenerate random embeddings.
+    """
+    from transformers import SamConfig
+
+    vision = dict(
+        hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=2,
+        window_size=14, global_attn_indexes=[1], num_pos_feats=16, mlp_dim=64,
+        image_size=image_size, patch_size=16, initializer_range=0.02,
+    )
+    prompt = dict(hidden_size=32, mask_input_channels=4, image_size=image_size, patch_size=16)
+    decoder = dict(
+        hidden_size=32, mlp_dim=64, num_hidden_layers=2, num_attention_heads=8,
+        iou_head_hidden_dim=32,
+    )
+    return SamConfig(
+        vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder,
+        initializer_range=0.02,
+    )
+
+
+def build_tiny_sam(directory, seed: int = 0, image_size: int = TINY_IMAGE_SIZE):
+    """Save a random tiny SamModel + matching SamProcessor with ``save_pretrained``."""
+    import torch
+    from transformers import SamImageProcessor, SamModel, SamProcessor
+
+    torch.manual_seed(seed)
+    model = SamModel(tiny_sam_config(image_size)).eval()
+    # Random init leaves some parameters (e.g. layer norms) at trivial values; make every
+    # weight informative so format conversions cannot pass by accident.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+        model.shared_image_embedding.positional_embedding.copy_(
+            model.prompt_encoder.shared_embedding.positional_embedding
+        )
+    model.save_pretrained(directory)
+    processor = SamProcessor(
+        image_processor=SamImageProcessor(
+            size={"longest_edge": image_size},
+            pad_size={"height": image_size, "width": image_size},
+            mask_size={"longest_edge": image_size // 4},
+        )
+    )
+    processor.save_pretrained(directory)
+    return model, processor
+
+
+# --- transformers -> Meta names, written independently of napari_sam's converter -------
+
+
+def hf_to_meta_state_dict(state: dict) -> dict:
+    """Rename a transformers SamModel state dict to Meta's segment_anything names."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("shared_image_embedding."):
+            continue  # tied copy of the prompt encoder's gaussian matrix
+        k = key
+        k = k.replace("vision_encoder.", "image_encoder.")
+        k = k.replace("image_encoder.layers.", "image_encoder.blocks.")
+        k = k.replace("patch_embed.projection.", "patch_embed.proj.")
+        for i, name in enumerate(["conv1", "layer_norm1", "conv2", "layer_norm2"]):
+            k = k.replace(f"neck.{name}.", f"neck.{i}.")
+        k = k.replace("shared_embedding.positional_embedding", "pe_layer.positional_encoding_gaussian_matrix")
+        k = k.replace("prompt_encoder.point_embed.", "prompt_encoder.point_embeddings.")
+        for i, name in [(0, "conv1"), (1, "layer_norm1"), (3, "conv2"), (4, "layer_norm2"), (6, "conv3")]:
+            k = k.replace(f"mask_embed.{name}.", f"mask_downscaling.{i}.")
+        for i, name in [(0, "upscale_conv1"), (1, "upscale_layer_norm"), (3, "upscale_conv2")]:
+            k = k.replace(f"mask_decoder.{name}.", f"mask_decoder.output_upscaling.{i}.")
+        k = re.sub(r"\.layer_norm(\w*)\.", r".norm\1.", k)
+        m = re.match(r"^(.*\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head))\.(proj_in|proj_out|layers\.(\d+))\.(.*)$", k)
+        if m:
+            base, part, idx, rest = m.groups()
+            depth = 3  # SamFeedForward depth used by SAM's heads
+            n = 0 if part == "proj_in" else depth - 1 if part == "proj_out" else int(idx) + 1
+            k = f"{base}.layers.{n}.{rest}"
+        out[k] = value
+    import torch
+
+    # Real Meta files carry these buffers; the loader must ignore them.
+    out["pixel_mean"] = torch.tensor([123.675, 116.28, 103.53]).view(-1, 1, 1)
+    out["pixel_std"] = torch.tensor([58.395, 57.12, 57.375]).view(-1, 1, 1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sam_dir(tmp_path_factory):
+    """A ``save_pretrained`` folder of a tiny random SAM (model + processor)."""
+    directory = tmp_path_factory.mktemp("tiny_sam")
+    build_tiny_sam(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_sam_dir):
+    import napari_sam
+
+    return napari_sam.load_model(tiny_sam_dir, device="cpu", dtype="fp32")
+
+
+@pytest.fixture
+def blob_image():
+    """A 2D uint8 image with two bright ellipses on a textured background."""
+    rng = np.random.default_rng(0)
+    rr, cc = np.mgrid[:180, :240]
+    img = rng.normal(40, 8, (180, 240))
+    img[((rr - 60) / 30) ** 2 + ((cc - 70) / 40) ** 2 < 1] = 200
+    img[((rr - 120) / 25) ** 2 + ((cc - 170) / 30) ** 2 < 1] = 150
+    return np.clip(img, 0, 255).astype(np.uint8)
