@@ -743,16 +743,20 @@ class SamEngine:
         """Low-res logits ``(..., L, L)`` → logits at the original image size.
 
         Upsample to the model input square, drop the padding, resize to ``(H, W)``
-        (what Meta's predictor and ``SamProcessor.post_process_masks`` do).
+        (what Meta's predictor and ``SamProcessor.post_process_masks`` do); a stretched
+        (MedSAM) input is resized directly.
         """
         import torch
         import torch.nn.functional as F
 
         lead = low_res.shape[:-2]
         x = low_res.reshape(-1, 1, *low_res.shape[-2:])
-        t = self.spec.target_length
-        x = F.interpolate(x, (t, t), mode="bilinear", align_corners=False)
-        h, w = embedding.input_size
-        x = x[..., :h, :w]
+        if embedding.spec.resize == "longest":
+            t = embedding.spec.target_length
+            x = F.interpolate(x, (t, t), mode="bilinear", align_corners=False)
+            h, w = embedding.input_size
+            x = x[..., :h, :w]
+        # A stretched (MedSAM) input has no padding: resize straight to the image, as
+        # MedSAM's own inference does.
         x = F.interpolate(x, tuple(embedding.original_size), mode="bilinear", align_corners=False)
         return x.reshape(*lead, *embedding.original_size).to(torch.float32)

@@ -196,7 +196,7 @@ def _scale_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
     """Linear map [low, high] -> [0, 255] with clipping; NaN -> 0, +inf -> 255."""
     values = np.asarray(values, dtype=np.float64)
     if high > low:
-        scaled = (values - low) * (255.0 / (high - low))
+        scaled = (values - low) * 255.0 / (high - low)
     else:
         # Constant data: nothing to stretch; only values above the level light up.
         scaled = np.where(values > high, 255.0, 0.0)
