@@ -183,6 +183,30 @@ def hub_cache_path(model_id: str) -> str | None:
         return None
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face endpoint accepts a TCP connection (no request is sent).
+
+    Checked before a download so that an offline machine gets the clear error at once
+    instead of minutes of retries.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import constants
+
+        endpoint = constants.ENDPOINT
+    except Exception:  # hub library layout changed: assume the default endpoint
+        endpoint = "https://huggingface.co"
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 # --- Meta checkpoint conversion -------------------------------------------------------
 
 # Ordered (pattern, replacement) rules from Meta's segment-anything module names to
@@ -467,6 +491,13 @@ def load_model(
                 raise ModelNotFoundError(
                     f"model {source.requested!r} is not in the Hugging Face cache and "
                     f"HF_HUB_OFFLINE is set. Tried: {', '.join(source.tried)}.\n"
+                    + _how_to_get_weights(source.requested)
+                )
+            elif not hub_reachable():
+                source.tried.append("the Hugging Face Hub (unreachable from here)")
+                raise ModelNotFoundError(
+                    f"model {source.requested!r} is not in the Hugging Face cache and the Hub "
+                    f"cannot be reached. Tried: {', '.join(source.tried)}.\n"
                     + _how_to_get_weights(source.requested)
                 )
             else:

@@ -1,0 +1,1 @@
+"""Everything that imports napari's Qt side or qtpy lives in this subpackage."""

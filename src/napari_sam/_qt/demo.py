@@ -1,0 +1,45 @@
+"""``napari-sam demo``: napari with a bundled sample and the plugin's dock widget."""
+
+from __future__ import annotations
+
+PLUGIN = "napari-sam-labeler"
+
+
+def _plugin_widgets() -> list[str]:
+    from npe2 import PluginManager
+
+    manifest = PluginManager.instance().get_manifest(PLUGIN)
+    return [w.display_name for w in (manifest.contributions.widgets or [])]
+
+
+def run_demo(sample: str = "cell", model=None, status=None, screenshot: str | None = None) -> int:
+    """Open napari with ``sample`` and every widget the plugin contributes.
+
+    With ``screenshot``, the window is drawn, saved to that PNG and closed instead of
+    entering the event loop (used for docs and tests).
+    """
+    import napari
+    from napari.utils.notifications import show_info, show_warning
+
+    viewer = napari.Viewer(title="napari-sam-labeler demo")
+    viewer.open_sample(PLUGIN, sample)
+    for name in _plugin_widgets():
+        viewer.window.add_plugin_dock_widget(PLUGIN, name)
+    if status is not None:
+        if status.available:
+            show_info(f"SAM model: {status.requested} ({status.detail})")
+        else:
+            first = status.detail.splitlines()[0]
+            show_warning(f"SAM model {status.requested} is not available: {first} "
+                         "See the terminal or `napari-sam info` for how to provide weights.")
+    if screenshot:
+        from qtpy.QtWidgets import QApplication
+
+        viewer.window._qt_window.resize(1400, 900)
+        for _ in range(5):
+            QApplication.processEvents()
+        viewer.screenshot(screenshot, canvas_only=False)
+        viewer.close()
+        return 0
+    napari.run()
+    return 0

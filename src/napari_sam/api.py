@@ -1,0 +1,178 @@
+"""The few functions a notebook, script, the CLI (and later the server) call.
+
+Everything here is a thin composition of :mod:`napari_sam.engine` and
+:mod:`napari_sam.preprocess`; nothing imports napari or Qt.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ._types import Prompt
+from .engine import MODEL_ENV, SamEngine, hub_cache_path, resolve_model_source
+
+
+@dataclass
+class ObjectResult:
+    """One segmented object: its label id, the mask and the decoder's predicted IoU."""
+
+    label: int
+    mask: np.ndarray
+    score: float
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read a 2D/3D image from TIFF, NumPy ``.npy`` or a common bitmap format.
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for one that cannot
+    be decoded, both naming the path.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            return tifffile.imread(path)
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        from skimage import io
+
+        return io.imread(path)
+    except Exception as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from exc
+
+
+def write_labels_tiff(path: str | os.PathLike, labels: np.ndarray, *, overwrite: bool = False) -> Path:
+    """Write a labels image as TIFF, atomically (temporary file + rename).
+
+    An existing file is replaced only with ``overwrite=True``.
+    """
+    import tifffile
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; choose another name or allow overwriting")
+    if not path.parent.exists():
+        raise FileNotFoundError(f"output folder does not exist: {path.parent}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tifffile.imwrite(tmp, labels, compression="zlib", metadata={"axes": "YX" if labels.ndim == 2 else "ZYX"})
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def segment_2d(
+    engine: SamEngine,
+    image: np.ndarray,
+    *,
+    points: Sequence[Sequence[float]] | None = None,
+    point_labels: Sequence[int] | None = None,
+    boxes: Sequence[Sequence[float]] | None = None,
+    multimask: bool = False,
+    **intensity,
+) -> tuple[np.ndarray, list[ObjectResult]]:
+    """Segment objects in one 2D image and return a labels image.
+
+    Points (with their labels) describe one object, together with the box if exactly
+    one is given. Every further box is an object of its own. Objects get label ids
+    1, 2, ... in the order of their boxes; where masks overlap, the object with the
+    higher predicted IoU keeps the pixel. With ``multimask``, each object takes the
+    candidate with the highest predicted IoU.
+
+    Parameters
+    ----------
+    engine : SamEngine
+    image : ndarray, (H, W) or (H, W, C)
+    points : (N, 2) array-like of (row, col), optional
+    point_labels : (N,) array-like of 1/0, optional
+    boxes : (M, 4) array-like of (row_min, col_min, row_max, col_max), optional
+    multimask : bool
+    **intensity
+        ``window``, ``preset``, ``percentiles`` or ``channel`` for the intensity mapping.
+
+    Returns
+    -------
+    labels : ndarray of uint8/uint16, shape (H, W)
+    objects : list of ObjectResult
+    """
+    boxes_arr = None if boxes is None or len(boxes) == 0 else np.asarray(boxes, float).reshape(-1, 4)
+    has_points = points is not None and len(points) > 0
+    if not has_points and boxes_arr is None:
+        raise ValueError("give at least one point or one box")
+    if has_points and boxes_arr is not None and len(boxes_arr) > 1:
+        raise ValueError(
+            "points describe one object and can be combined with at most one box; "
+            f"got {len(boxes_arr)} boxes"
+        )
+    prompts: list[Prompt] = []
+    if has_points:
+        prompts.append(Prompt(
+            points=np.asarray(points, float),
+            point_labels=None if point_labels is None else np.asarray(point_labels),
+            box=None if boxes_arr is None else boxes_arr[0],
+        ))
+    elif boxes_arr is not None:
+        prompts.extend(Prompt(box=b) for b in boxes_arr)
+
+    embedding = engine.embed(image, **intensity)
+    predictions = engine.predict_batch(embedding, prompts, multimask=multimask)
+    objects = []
+    for label, pred in enumerate(predictions, start=1):
+        k = pred.best if multimask else 0
+        objects.append(ObjectResult(label, pred.masks[k], float(pred.scores[k])))
+    dtype = np.uint8 if len(objects) < 256 else np.uint16
+    labels = np.zeros(embedding.original_size, dtype)
+    for obj in sorted(objects, key=lambda o: o.score, reverse=True):
+        labels[obj.mask & (labels == 0)] = obj.label
+    return labels, objects
+
+
+@dataclass
+class ModelStatus:
+    """Where the configured model resolves to and whether its weights are present."""
+
+    requested: str
+    origin: str  # "argument", "$NAPARI_SAM_MODEL" or "default"
+    kind: str | None
+    location: str | None
+    available: bool
+    detail: str
+
+
+def model_status(model: str | os.PathLike | None = None) -> ModelStatus:
+    """Resolve ``model`` (or the configured default) without loading any weights."""
+    from .engine import DEFAULT_MODEL, ModelNotFoundError, _how_to_get_weights
+
+    if model is not None:
+        origin = "argument"
+    elif os.environ.get(MODEL_ENV):
+        origin = f"${MODEL_ENV}"
+    else:
+        origin = "default"
+    requested = os.fspath(model) if model is not None else (os.environ.get(MODEL_ENV) or DEFAULT_MODEL)
+    try:
+        source = resolve_model_source(requested)
+    except ModelNotFoundError as exc:
+        return ModelStatus(requested, origin, None, None, False, str(exc))
+    if source.kind == "hf_id":
+        cached = hub_cache_path(source.location)
+        if cached is None:
+            return ModelStatus(
+                requested, origin, source.kind, None, False,
+                "not in the local Hugging Face cache (it would be downloaded on first use "
+                "where the Hub is reachable).\n" + _how_to_get_weights(source.location),
+            )
+        return ModelStatus(requested, origin, source.kind, cached, True, f"cached at {cached}")
+    kind = "save_pretrained folder" if source.kind == "hf_dir" else "Meta-format checkpoint"
+    return ModelStatus(requested, origin, source.kind, source.location, True, f"{kind} {source.location}")

@@ -1,0 +1,55 @@
+"""Sample data that ships with dependencies or is synthesised: nothing is downloaded.
+
+Each function returns napari ``LayerData`` tuples, so it serves both the npe2
+``sample_data`` contribution and scripts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def cell_image() -> np.ndarray:
+    """scikit-image's bundled ``cell.png``: a cell in saline, phase contrast (660 x 550, uint8)."""
+    from skimage import data
+
+    return data.cell()
+
+
+def ct_phantom(shape: tuple[int, int, int] = (24, 128, 128), seed: int = 0) -> np.ndarray:
+    """A small synthetic CT volume in Hounsfield units (int16, (Z, Y, X)).
+
+    A water-density body (0 HU) in air (-1000 HU) holding a liver-like organ (60 HU), a
+    kidney-like organ (30 HU) and a bone-like ring (700 HU), with mild noise: enough
+    structure for prompts, windowing and propagation to be tried without patient data.
+    """
+    z, y, x = np.meshgrid(
+        np.linspace(-1, 1, shape[0]), np.linspace(-1, 1, shape[1]), np.linspace(-1, 1, shape[2]),
+        indexing="ij",
+    )
+    vol = np.full(shape, -1000.0)
+    body = (y / 0.8) ** 2 + (x / 0.9) ** 2 < 1
+    vol[body] = 0.0
+    vol[((z / 0.9) ** 2 + ((y + 0.1) / 0.35) ** 2 + ((x + 0.35) / 0.3) ** 2) < 1] = 60.0
+    vol[((z / 0.6) ** 2 + ((y - 0.2) / 0.2) ** 2 + ((x - 0.45) / 0.15) ** 2) < 1] = 30.0
+    r = np.sqrt((y - 0.45) ** 2 + x**2)
+    vol[(r > 0.1) & (r < 0.18)] = 700.0
+    vol += np.random.default_rng(seed).normal(0, 10, shape)
+    return vol.astype(np.int16)
+
+
+def cell_2d():
+    """napari sample: the 2D microscopy image."""
+    return [(cell_image(), {"name": "cell (scikit-image)"}, "image")]
+
+
+def phantom_3d():
+    """napari sample: the synthetic CT volume, shown with an abdomen window."""
+    vol = ct_phantom()
+    meta = {
+        "name": "CT phantom (HU)",
+        "scale": (2.5, 1.0, 1.0),
+        "contrast_limits": (40 - 200, 40 + 200),
+        "colormap": "gray",
+    }
+    return [(vol, meta, "image")]
