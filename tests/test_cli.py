@@ -1,0 +1,122 @@
+"""The ``napari-sam`` command line, run as a user would (in a subprocess) and in-process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+
+import napari_sam
+from napari_sam import api
+from napari_sam.cli import main
+
+
+def run_cli(*args, env_extra=None):
+    exe = shutil.which("napari-sam")
+    cmd = [exe] if exe else [sys.executable, "-m", "napari_sam.cli"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("NAPARI_SAM_MODEL", None)  # the user's own choice must not leak in
+    env.update(env_extra or {})
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture
+def image_file(tmp_path, blob_image):
+    path = tmp_path / "blobs.tif"
+    tifffile.imwrite(path, blob_image.astype(np.uint16) * 50)
+    return path
+
+
+def test_console_script_segment_points(tiny_sam_dir, image_file, tmp_path, tiny_engine):
+    out = tmp_path / "labels.tif"
+    res = run_cli("segment", str(image_file), "--point", "60,70", "--point", "10,10,0",
+                  "--model", str(tiny_sam_dir), "--device", "cpu", "--dtype", "fp32", "-o", str(out))
+    assert res.returncode == 0, res.stderr
+    labels = tifffile.imread(out)
+    image = tifffile.imread(image_file)
+    assert labels.shape == image.shape and labels.dtype == np.uint8
+    # the file holds exactly what the Python API gives for these prompts
+    expected = tiny_engine.predict(tiny_engine.embed(image), points=[[60, 70], [10, 10]], point_labels=[1, 0])
+    np.testing.assert_array_equal(labels == 1, expected.masks[0])
+    assert set(np.unique(labels)) <= {0, 1} and labels.any()
+    assert "label 1:" in res.stdout and "predicted IoU" in res.stdout
+
+
+def test_segment_boxes_make_one_label_each(tiny_sam_dir, image_file, tmp_path):
+    out = tmp_path / "boxes.tif"
+    code = main(["segment", str(image_file), "--box", "30,30,90,110", "--box", "100,140,145,200",
+                 "--multimask", "--model", str(tiny_sam_dir), "--device", "cpu", "-o", str(out)])
+    assert code == 0
+    labels = tifffile.imread(out)
+    assert labels.shape == (180, 240)
+    assert set(np.unique(labels)) <= {0, 1, 2} and {1, 2} <= set(np.unique(labels))
+
+
+def test_segment_refuses_to_overwrite(tiny_sam_dir, image_file, tmp_path, capsys):
+    out = tmp_path / "exists.tif"
+    out.write_bytes(b"precious")
+    code = main(["segment", str(image_file), "--point", "60,70", "--model", str(tiny_sam_dir), "-o", str(out)])
+    assert code == 2 and out.read_bytes() == b"precious"
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["segment", str(image_file), "--point", "60,70", "--model", str(tiny_sam_dir),
+                 "-o", str(out), "--overwrite"]) == 0
+    assert tifffile.imread(out).shape == (180, 240)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["segment", "missing.tif", "--point", "1,2", "-o", "o.tif"], "image file not found"),
+        (["segment", "{img}", "-o", "o.tif"], "at least one --point or --box"),
+        (["segment", "{img}", "--point", "999,5", "--model", "{model}", "-o", "o.tif"], "outside the image"),
+        (["segment", "{img}", "--box", "50,50,10,10", "--model", "{model}", "-o", "o.tif"], "min > max"),
+        (["segment", "{img}", "--point", "1,2", "--box", "1,1,5,5", "--box", "2,2,6,6",
+          "--model", "{model}", "-o", "o.tif"], "at most one box"),
+        (["segment", "{img}", "--point", "5,5", "--preset", "liver", "--model", "{model}", "-o", "o.tif"], "preset"),
+        (["segment", "{img}", "--point", "1,2", "--model", "/no/such/sam.pth", "-o", "o.tif"], "neither an existing"),
+        (["segment", "{img}", "--point", "1,2", "--model", "no-org/no-model", "-o", "o.tif"], "no-org/no-model"),
+        (["segment", "{stack}", "--point", "1,2", "--model", "{model}", "-o", "o.tif"], "stack of shape"),
+        (["segment", "{img}", "--point", "1,2,7", "-o", "o.tif"], "LABEL must be 1"),
+        (["segment", "{img}", "--box", "1,2,3", "-o", "o.tif"], "needs 4 numbers"),
+    ],
+)
+def test_user_errors_exit_2_with_one_clear_line(args, message, image_file, tiny_sam_dir, tmp_path):
+    stack = tmp_path / "stack.tif"
+    tifffile.imwrite(stack, np.zeros((30, 40, 40), np.uint8))
+    args = [a.format(img=image_file, model=tiny_sam_dir, stack=stack) for a in args]
+    args = [str(tmp_path / a) if a == "o.tif" else a for a in args]
+    res = run_cli(*args)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    error_lines = [line for line in res.stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and message in error_lines[0], res.stderr
+
+
+def test_info_reports_versions_device_and_model(tiny_sam_dir):
+    res = run_cli("info")
+    assert res.returncode == 0, res.stderr
+    assert f"napari-sam-labeler {napari_sam.__version__}" in res.stdout
+    assert "torch " in res.stdout and "device (auto): cpu" in res.stdout
+    assert "facebook/sam-vit-large (from default)" in res.stdout
+    assert "NOT AVAILABLE" in res.stdout and "huggingface-cli download" in res.stdout
+    res = run_cli("info", env_extra={"NAPARI_SAM_MODEL": str(tiny_sam_dir)})
+    assert f"{tiny_sam_dir} (from $NAPARI_SAM_MODEL)" in res.stdout
+    assert "available: save_pretrained folder" in res.stdout
+
+
+def test_no_command_prints_help_and_exits_2(capsys):
+    assert main([]) == 2
+    assert "segment" in capsys.readouterr().out
+
+
+def test_segment_2d_api_overlap_goes_to_higher_score(tiny_engine, blob_image):
+    labels, objects = api.segment_2d(tiny_engine, blob_image, boxes=[[30, 30, 90, 110], [20, 20, 100, 120]])
+    assert [o.label for o in objects] == [1, 2]
+    winner, loser = sorted(objects, key=lambda o: o.score, reverse=True)
+    np.testing.assert_array_equal(labels == winner.label, winner.mask)
+    np.testing.assert_array_equal(labels == loser.label, loser.mask & ~winner.mask)
