@@ -350,3 +350,26 @@ def test_embed_accepts_dtypes_and_channels(tiny_engine, blob_image, dtype):
         assert emb.original_size == blob_image.shape
         pred = tiny_engine.predict(emb, points=[[60, 70]])
         assert pred.masks.shape == (1, *blob_image.shape)
+
+
+def test_stepwise_encoder_equals_transformers_and_reports_progress(tiny_engine, tiny_pair, blob_image):
+    model, _ = tiny_pair
+    rgb = np.repeat(blob_image[..., None], 3, axis=-1)
+    steps = tiny_engine.embed_steps(blob_image)
+    progress = []
+    while True:
+        try:
+            progress.append(next(steps))
+        except StopIteration as done:
+            emb = done.value
+            break
+    total = len(tiny_engine.model.vision_encoder.layers) + 2
+    assert progress == [(i, total) for i in range(1, total + 1)]
+    pixels = torch.from_numpy(pp.model_input(rgb, tiny_engine.spec)[0][None])
+    with torch.no_grad():
+        expected = model.get_image_embeddings(pixels)
+    torch.testing.assert_close(emb.features, expected, rtol=1e-5, atol=1e-5)
+    # stopping early (cancel) leaves nothing behind and raises nothing
+    steps = tiny_engine.embed_steps(blob_image)
+    next(steps)
+    steps.close()

@@ -522,6 +522,15 @@ def load_model(
     return SamEngine(sam, device=dev, dtype=dt, spec=spec, source=source, fingerprint=fingerprint)
 
 
+def drain(steps):
+    """Run a progress generator to its end and return its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
 def _as_points(points, labels, original_size) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
     if points is None:
         if labels is not None:
@@ -604,17 +613,68 @@ class SamEngine:
 
     # --- encoding ---------------------------------------------------------------------
 
-    def encode_rgb(self, images: Sequence[np.ndarray]):
-        """Run the image encoder on uint8 RGB images; returns features ``(B, C, h, w)``.
+    def encode_steps(self, images: Sequence[np.ndarray]):
+        """Run the image encoder on uint8 RGB images, one transformer block at a time.
 
-        The low-level entry for batched stack encoding; most callers use :meth:`embed`.
+        A generator: it yields ``(done, total)`` after the patch embedding and after each
+        block, so a worker can report progress and stop between blocks (cancelling a
+        ViT-L encode on CPU takes effect within about a second, not after 30 s). Its
+        return value (``StopIteration.value``) is the features tensor ``(B, C, h, w)``.
         """
         import torch
 
         pixels = np.stack([pp.model_input(rgb, self.spec)[0] for rgb in images])
-        tensor = torch.from_numpy(pixels).to(device=self.device, dtype=self.dtype)
+        encoder = self.model.vision_encoder
+        total = len(encoder.layers) + 2
         with torch.inference_mode():
-            return self.model.get_image_embeddings(tensor)
+            hidden = encoder.patch_embed(torch.from_numpy(pixels).to(device=self.device, dtype=self.dtype))
+            if encoder.pos_embed is not None:
+                hidden = hidden + encoder.pos_embed
+        yield 1, total
+        for i, layer in enumerate(encoder.layers):
+            with torch.inference_mode():
+                hidden = layer(hidden)
+                if isinstance(hidden, tuple):  # older transformers return (hidden_states,)
+                    hidden = hidden[0]
+            yield i + 2, total
+        with torch.inference_mode():
+            features = encoder.neck(hidden)
+        yield total, total
+        return features
+
+    def encode_rgb(self, images: Sequence[np.ndarray]):
+        """Encode uint8 RGB images in one go; returns features ``(B, C, h, w)``."""
+        return drain(self.encode_steps(images))
+
+    def embed_steps(
+        self,
+        image,
+        *,
+        mapping: IntensityMapping | None = None,
+        window: tuple[float, float] | None = None,
+        preset: str | None = None,
+        percentiles: tuple[float, float] | None = None,
+        channel: int | None = None,
+    ):
+        """:meth:`embed` as a generator of ``(done, total)`` progress; returns the embedding.
+
+        Stop iterating to cancel: nothing is kept.
+        """
+        image = pp.check_image_2d(image)
+        if mapping is None:
+            mapping = pp.resolve_intensity(
+                image, window=window, preset=preset, percentiles=percentiles, channel=channel
+            )
+        rgb = pp.to_rgb_uint8(image, mapping)
+        features = yield from self.encode_steps([rgb])
+        return ImageEmbedding(
+            features=features,
+            original_size=(int(image.shape[0]), int(image.shape[1])),
+            input_size=pp.resized_shape(image.shape[:2], self.spec),
+            spec=self.spec,
+            mapping=mapping,
+            model_id=self.model_id,
+        )
 
     def embed(
         self,
@@ -641,21 +701,9 @@ class SamEngine:
         -------
         ImageEmbedding
         """
-        image = pp.check_image_2d(image)
-        if mapping is None:
-            mapping = pp.resolve_intensity(
-                image, window=window, preset=preset, percentiles=percentiles, channel=channel
-            )
-        rgb = pp.to_rgb_uint8(image, mapping)
-        features = self.encode_rgb([rgb])
-        return ImageEmbedding(
-            features=features,
-            original_size=(int(image.shape[0]), int(image.shape[1])),
-            input_size=pp.resized_shape(image.shape[:2], self.spec),
-            spec=self.spec,
-            mapping=mapping,
-            model_id=self.model_id,
-        )
+        return drain(self.embed_steps(
+            image, mapping=mapping, window=window, preset=preset, percentiles=percentiles, channel=channel
+        ))
 
     # --- decoding ---------------------------------------------------------------------
 
