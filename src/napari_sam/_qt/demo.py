@@ -24,7 +24,9 @@ def run_demo(sample: str = "cell", model=None, status=None, screenshot: str | No
     viewer = napari.Viewer(title="napari-sam-labeler demo")
     viewer.open_sample(PLUGIN, sample)
     for name in _plugin_widgets():
-        viewer.window.add_plugin_dock_widget(PLUGIN, name)
+        _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+        if model is not None and hasattr(widget, "model_edit"):
+            widget.model_edit.setText(str(model))
     if status is not None:
         if status.available:
             show_info(f"SAM model: {status.requested} ({status.detail})")
