@@ -453,17 +453,18 @@ class SamLabelerWidget(QWidget):
 
         where = "" if z is None else f" slice {z}"
         self._embed_progress = progress(total=0, desc=f"SAM: embedding {layer.name}{where}")
-        worker = create_worker(work)
-        worker.yielded.connect(self._on_embed_progress)
-        worker.returned.connect(partial(self._on_embedded, key, requested, id(layer)))
-        worker.errored.connect(self._on_error)
-        worker.aborted.connect(self._on_embed_aborted)
-        worker.finished.connect(self._on_embed_finished)
-        self._embed_worker = worker
         self.embed_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self._set_status(f"Embedding {layer.name}{where} …")
-        worker.start()
+        # Handlers go through _connect: errors then reach _on_error (a notification)
+        # instead of being re-raised in the event loop.
+        self._embed_worker = create_worker(work, _connect={
+            "yielded": self._on_embed_progress,
+            "returned": partial(self._on_embedded, key, requested, id(layer)),
+            "errored": self._on_error,
+            "aborted": self._on_embed_aborted,
+            "finished": self._on_embed_finished,
+        })
 
     def cancel_embedding(self) -> None:
         """Stop the running encode between two encoder blocks; nothing is kept."""
@@ -473,12 +474,14 @@ class SamLabelerWidget(QWidget):
 
     def _on_embed_progress(self, value) -> None:
         stage, done, total = value
-        if self._embed_progress is not None:
-            if self._embed_progress.total != total:
-                self._embed_progress.total = total
-            self._embed_progress.set_description(f"SAM: {stage.lower()}")
-            self._embed_progress.n = done
-            self._embed_progress.refresh()
+        bar = self._embed_progress  # updating a bar can process events (and finish the worker)
+        if bar is None:
+            return
+        if bar.total != total:
+            bar.total = total
+        bar.set_description(f"SAM: {stage.lower()}")
+        bar.n = done
+        bar.refresh()
 
     def _on_embedded(self, key, engine_key, layer_id, result) -> None:
         engine, mapping, embedding = result
@@ -544,10 +547,10 @@ class SamLabelerWidget(QWidget):
             return
         engine = self.engine
         multimask = self.multimask_check.isChecked()
-        worker = create_worker(engine.predict_batch, embedding, prompts, multimask=multimask)
-        worker.returned.connect(partial(self._on_decoded, seq, z, prompts))
-        worker.errored.connect(self._on_error)
-        worker.start()
+        create_worker(engine.predict_batch, embedding, prompts, multimask=multimask, _connect={
+            "returned": partial(self._on_decoded, seq, z, prompts),
+            "errored": self._on_error,
+        })
 
     def _refine_prompts(self, z, pts, labels):
         target = self.labels_layer
@@ -646,8 +649,11 @@ class SamLabelerWidget(QWidget):
                 np.zeros(spatial, np.uint32), name=LABELS_NAME,
                 scale=tuple(image.scale), translate=tuple(image.translate),
             )
-            self.viewer.add_layer(layer)
+            # Just above the image, under the prompt and preview layers.
+            self.viewer.layers.insert(self.viewer.layers.index(image) + 1, layer)
             self.labels_combo.setCurrentText(layer.name)
+            if self._points is not None:  # keep clicking = prompting, not painting
+                self.viewer.layers.selection.active = self._points
         elif tuple(layer.data.shape) != spatial:
             raise ValueError(
                 f"labels layer {layer.name!r} has shape {tuple(layer.data.shape)}, the image "

@@ -1,0 +1,320 @@
+"""The SAM Labeler dock widget in a real napari viewer (under Xvfb) with a tiny checkpoint."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("qtpy")
+from napari.layers import Labels  # noqa: E402
+
+from napari_sam._qt.widget import LABELS_NAME, SamLabelerWidget  # noqa: E402
+
+TIMEOUT = 60_000
+
+
+@pytest.fixture
+def blob_volume(blob_image):
+    """(5, H, W): the blob image shifted a little on every slice."""
+    return np.stack([np.roll(blob_image, 3 * z, axis=1) for z in range(5)])
+
+
+@pytest.fixture
+def labeler(make_napari_viewer, tiny_sam_dir, qtbot):
+    def make(data, **layer_kwargs):
+        viewer = make_napari_viewer()
+        viewer.add_image(data, name="img", **layer_kwargs)
+        widget = SamLabelerWidget(viewer)
+        viewer.window.add_dock_widget(widget, name="SAM Labeler")
+        widget.model_edit.setText(str(tiny_sam_dir))
+        widget.device_combo.setCurrentText("cpu")
+        widget.dtype_combo.setCurrentText("fp32")
+        return viewer, widget
+
+    yield make
+
+
+def embed(qtbot, widget):
+    with qtbot.waitSignal(widget.embedding_ready, timeout=TIMEOUT):
+        widget.compute_embedding()
+    qtbot.waitUntil(lambda: widget._embed_worker is None, timeout=TIMEOUT)
+
+
+def add_point(qtbot, widget, coords):
+    with qtbot.waitSignal(widget.preview_ready, timeout=TIMEOUT) as blocker:
+        widget._points.add(np.asarray(coords, float))
+    return blocker.args[0]
+
+
+def test_widget_opens_from_manifest(make_napari_viewer):
+    viewer = make_napari_viewer()
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-sam-labeler")
+    assert isinstance(widget, SamLabelerWidget)
+
+
+def test_points_preview_commit_equals_engine(labeler, qtbot, blob_image, tiny_engine):
+    viewer, widget = labeler(blob_image)
+    embed(qtbot, widget)
+    preds = add_point(qtbot, widget, [60, 70])
+    expected = tiny_engine.predict(tiny_engine.embed(blob_image), points=[[60, 70]], point_labels=[1])
+    np.testing.assert_array_equal(preds[0].masks, expected.masks)
+    np.testing.assert_array_equal(widget._preview.data > 0, expected.masks[0])
+    with qtbot.waitSignal(widget.committed, timeout=TIMEOUT):
+        widget.commit()
+    labels = viewer.layers[LABELS_NAME]
+    assert labels.data.shape == blob_image.shape
+    np.testing.assert_array_equal(labels.data == 1, expected.masks[0])
+    assert set(np.unique(labels.data)) == {0, 1}
+    # committing clears prompts and preview
+    assert len(widget._points.data) == 0 and not widget._preview.data.any()
+
+
+def test_box_prompt(labeler, qtbot, blob_image, tiny_engine):
+    viewer, widget = labeler(blob_image)
+    embed(qtbot, widget)
+    with qtbot.waitSignal(widget.preview_ready, timeout=TIMEOUT) as blocker:
+        widget._boxes.add_rectangles(np.array([[30.0, 30.0], [90.0, 110.0]]))
+    expected = tiny_engine.predict(tiny_engine.embed(blob_image), box=(30, 30, 90, 110))
+    np.testing.assert_array_equal(blocker.args[0][0].masks, expected.masks)
+
+
+def test_negative_point_changes_mask(labeler, qtbot, blob_image, tiny_engine):
+    viewer, widget = labeler(blob_image)
+    embed(qtbot, widget)
+    first = add_point(qtbot, widget, [60, 70])
+    widget.negative_check.setChecked(True)
+    second = add_point(qtbot, widget, [70, 90])
+    assert list(widget._points.features["sign"].astype(str)) == ["positive", "negative"]
+    expected = tiny_engine.predict(
+        tiny_engine.embed(blob_image), points=[[60, 70], [70, 90]], point_labels=[1, 0]
+    )
+    np.testing.assert_array_equal(second[0].masks, expected.masks)
+    assert not np.array_equal(first[0].masks, second[0].masks)
+    # the negative point is drawn in another colour
+    colors = widget._points.face_color
+    assert not np.allclose(colors[0], colors[1])
+
+
+def test_existing_labels_kept_and_undo_restores_exactly(labeler, qtbot, blob_image):
+    viewer, widget = labeler(blob_image)
+    original = np.zeros(blob_image.shape, np.uint32)
+    original[50:70, 60:80] = 5  # someone's earlier work, under the new object
+    viewer.add_labels(original.copy(), name="mine")
+    widget.labels_combo.setCurrentText("mine")
+    embed(qtbot, widget)
+    preds = add_point(qtbot, widget, [60, 70])
+    mask = preds[0].masks[0]
+    assert (mask & (original == 5)).any()
+    with qtbot.waitSignal(widget.committed, timeout=TIMEOUT) as blocker:
+        widget.commit()
+    plan = blocker.args[0]
+    labels = viewer.layers["mine"]
+    assert plan.ids == [6] and plan.kept == int((mask & (original == 5)).sum())
+    np.testing.assert_array_equal(labels.data[original == 5], 5)  # kept
+    np.testing.assert_array_equal(labels.data == 6, mask & (original != 5))
+    widget.undo()
+    np.testing.assert_array_equal(labels.data, original)
+    # Ctrl+Z goes through the same napari history: redo then undo via the layer
+    labels.redo()
+    assert (labels.data == 6).any()
+    labels.undo()
+    np.testing.assert_array_equal(labels.data, original)
+
+
+def test_overwrite_and_chosen_label_id(labeler, qtbot, blob_image):
+    viewer, widget = labeler(blob_image)
+    original = np.zeros(blob_image.shape, np.uint32)
+    original[50:70, 60:80] = 5
+    viewer.add_labels(original.copy(), name="mine")
+    widget.labels_combo.setCurrentText("mine")
+    widget.overwrite_check.setChecked(True)
+    widget.label_id_spin.setValue(42)
+    embed(qtbot, widget)
+    preds = add_point(qtbot, widget, [60, 70])
+    widget.commit()
+    data = viewer.layers["mine"].data
+    np.testing.assert_array_equal(data == 42, preds[0].masks[0])
+
+
+def test_multimask_candidates_and_choice(labeler, qtbot, blob_image):
+    viewer, widget = labeler(blob_image)
+    widget.multimask_check.setChecked(True)
+    embed(qtbot, widget)
+    preds = add_point(qtbot, widget, [60, 70])
+    assert preds[0].masks.shape[0] == 3
+    texts = [b.text() for b in widget.candidate_buttons]
+    assert all("IoU" in t for t in texts) and all(b.isEnabled() for b in widget.candidate_buttons)
+    assert widget.candidate_buttons[preds[0].best].isChecked()
+    widget.choose_candidate(2)
+    assert widget.candidate_buttons[2].isChecked()
+    np.testing.assert_array_equal(widget._preview.data > 0, preds[0].masks[2])
+    widget.commit()
+    np.testing.assert_array_equal(viewer.layers[LABELS_NAME].data == 1, preds[0].masks[2])
+
+
+def test_refine_replaces_only_that_label(labeler, qtbot, blob_image):
+    viewer, widget = labeler(blob_image)
+    start = np.zeros(blob_image.shape, np.uint32)
+    start[40:80, 40:100] = 1  # rough label to refine
+    start[120:140, 160:180] = 2  # another label, must stay
+    viewer.add_labels(start.copy(), name="mine")
+    widget.labels_combo.setCurrentText("mine")
+    embed(qtbot, widget)
+    with qtbot.waitSignal(widget.preview_ready, timeout=TIMEOUT) as blocker:
+        widget.refine_label(1)
+    refined = blocker.args[0][0].masks[0]
+    emb = widget.current_embedding()
+    expected = widget.engine.predict(emb, box=(40, 40, 79, 99), mask_input=start == 1)
+    np.testing.assert_array_equal(refined, expected.masks[0])
+    corrected = add_point(qtbot, widget, [45, 45])
+    widget.commit()
+    data = viewer.layers["mine"].data
+    np.testing.assert_array_equal(data == 1, corrected[0].masks[0] & (start != 2))
+    np.testing.assert_array_equal(data == 2, start == 2)
+
+
+def test_stack_on_chosen_slice(labeler, qtbot, blob_volume, tiny_engine):
+    from napari_sam.preprocess import resolve_intensity
+
+    viewer, widget = labeler(blob_volume)
+    viewer.dims.set_current_step(0, 3)
+    assert widget.current_slice() == 3
+    embed(qtbot, widget)
+    preds = add_point(qtbot, widget, [3, 60, 75])
+    mapping = resolve_intensity(blob_volume, multichannel=False)
+    expected = tiny_engine.predict(tiny_engine.embed(blob_volume[3], mapping=mapping), points=[[60, 75]])
+    np.testing.assert_array_equal(preds[0].masks, expected.masks)
+    widget.commit()
+    labels = viewer.layers[LABELS_NAME].data
+    assert labels.shape == blob_volume.shape
+    np.testing.assert_array_equal(labels[3] == 1, expected.masks[0])
+    assert not labels[[0, 1, 2, 4]].any()
+    # a point on another slice embeds that slice on demand
+    viewer.dims.set_current_step(0, 1)
+    with qtbot.waitSignal(widget.preview_ready, timeout=TIMEOUT):
+        widget._points.add(np.array([1.0, 60, 70]))
+    assert widget._preview_slice == 1
+
+
+def test_scaled_translated_layer(labeler, qtbot, blob_image, tiny_engine):
+    viewer, widget = labeler(blob_image, scale=(2.0, 0.5), translate=(10.0, -5.0))
+    embed(qtbot, widget)
+    world = np.array([10 + 60 * 2.0, -5 + 70 * 0.5])  # the pixel (60, 70) in world units
+    with qtbot.waitSignal(widget.preview_ready, timeout=TIMEOUT) as blocker:
+        widget._points.add(widget._points.world_to_data(world))
+    expected = tiny_engine.predict(tiny_engine.embed(blob_image), points=[[60, 70]])
+    np.testing.assert_array_equal(blocker.args[0][0].masks, expected.masks)
+    widget.commit()
+    labels = viewer.layers[LABELS_NAME]
+    np.testing.assert_allclose(labels.scale, (2.0, 0.5))
+    np.testing.assert_allclose(labels.translate, (10.0, -5.0))
+    np.testing.assert_array_equal(labels.data == 1, expected.masks[0])
+
+
+class SlowEngine:
+    """The real tiny engine, with each encoder step stretched in time (for cancel/liveness)."""
+
+    def __init__(self, engine, delay=0.05, extra_steps=40):
+        self._engine, self.delay, self.extra = engine, delay, extra_steps
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def embed_steps(self, image, **kwargs):
+        for i in range(self.extra):
+            time.sleep(self.delay)
+            yield i, self.extra
+        return (yield from self._engine.embed_steps(image, **kwargs))
+
+
+def test_cancel_during_encoding(labeler, qtbot, blob_image, tiny_engine):
+    viewer, widget = labeler(blob_image)
+    widget.set_engine(SlowEngine(tiny_engine))
+    widget.compute_embedding()
+    assert widget.cancel_button.isEnabled() and not widget.embed_button.isEnabled()
+    qtbot.wait(200)
+    with qtbot.waitSignal(widget.embedding_cancelled, timeout=TIMEOUT):
+        widget.cancel_embedding()
+    qtbot.waitUntil(lambda: widget._embed_worker is None, timeout=TIMEOUT)
+    assert widget.current_embedding() is None
+    assert widget.embed_button.isEnabled() and not widget.cancel_button.isEnabled()
+    assert "cancelled" in widget.status.text().lower()
+
+
+def test_event_loop_keeps_running_while_encoding(labeler, qtbot, blob_image, tiny_engine):
+    from qtpy.QtCore import QTimer
+
+    viewer, widget = labeler(blob_image)
+    widget.set_engine(SlowEngine(tiny_engine, delay=0.05, extra_steps=30))  # ~1.5 s encode
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(20)
+    start = time.perf_counter()
+    with qtbot.waitSignal(widget.embedding_ready, timeout=TIMEOUT):
+        widget.compute_embedding()
+    elapsed = time.perf_counter() - start
+    timer.stop()
+    assert elapsed > 1.0
+    # a frozen GUI thread would deliver (almost) no ticks during the encode
+    assert len(ticks) > 0.5 * elapsed / 0.02, (len(ticks), elapsed)
+    assert max(np.diff(ticks)) < 0.5
+
+
+def test_missing_weights_reported_and_widget_stays_usable(labeler, qtbot, blob_image, tiny_sam_dir):
+    viewer, widget = labeler(blob_image)
+    widget.model_edit.setText("/no/such/sam_vit_l.pth")
+    widget.compute_embedding()
+    qtbot.waitUntil(lambda: widget._embed_worker is None, timeout=TIMEOUT)
+    assert "Error" in widget.status.text() and "sam_vit_l.pth" in widget.status.text()
+    assert widget.embed_button.isEnabled()
+    widget.model_edit.setText(str(tiny_sam_dir))
+    embed(qtbot, widget)
+    assert widget.current_embedding() is not None
+
+
+def test_unsupported_layer_is_reported(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((2, 3, 16, 16), np.uint8), name="4d")
+    widget = SamLabelerWidget(viewer)
+    assert "2D images and 3D stacks" in widget.status.text()
+    widget.compute_embedding()  # a notification, no exception
+    assert widget._embed_worker is None
+
+
+def test_screenshot_with_committed_label(labeler, qtbot, tmp_path):
+    from skimage import data, io
+
+    cell = data.cell()
+    viewer, widget = labeler(cell)
+    embed(qtbot, widget)
+    with qtbot.waitSignal(widget.preview_ready, timeout=TIMEOUT):
+        widget._boxes.add_rectangles(np.array([[250.0, 300.0], [520.0, 540.0]]))
+    widget.commit()
+    assert viewer.layers[LABELS_NAME].data.any()
+    with qtbot.waitSignal(widget.preview_ready, timeout=TIMEOUT):
+        widget._points.add(np.array([200.0, 150.0]))
+    viewer.window._qt_window.resize(1400, 900)
+    qtbot.wait(200)
+    out = os.environ.get("NAPARI_SAM_SCREENSHOT") or str(tmp_path / "labeler.png")
+    viewer.screenshot(out, canvas_only=False)
+    shot = io.imread(out)
+    assert shot.shape[0] > 400 and shot.shape[1] > 600 and shot[..., :3].std() > 10
+    # the committed label is visible: the labels colormap puts non-gray pixels on the canvas
+    rgb = shot[..., :3].astype(int)
+    colourful = (np.abs(rgb[..., 0] - rgb[..., 1]) + np.abs(rgb[..., 1] - rgb[..., 2])) > 60
+    assert colourful.sum() > 1000
+
+
+def test_new_labels_layer_sits_under_prompts_and_points_stay_active(labeler, qtbot, blob_image):
+    viewer, widget = labeler(blob_image)
+    embed(qtbot, widget)
+    add_point(qtbot, widget, [60, 70])
+    widget.commit()
+    names = [layer.name for layer in viewer.layers]
+    assert names.index(LABELS_NAME) == names.index("img") + 1
+    assert viewer.layers.selection.active is widget._points
+    assert widget._points.mode == "add"
