@@ -75,8 +75,6 @@ def test_segment_refuses_to_overwrite(tiny_sam_dir, image_file, tmp_path, capsys
         (["segment", "{img}", "-o", "o.tif"], "at least one --point or --box"),
         (["segment", "{img}", "--point", "999,5", "--model", "{model}", "-o", "o.tif"], "outside the image"),
         (["segment", "{img}", "--box", "50,50,10,10", "--model", "{model}", "-o", "o.tif"], "min > max"),
-        (["segment", "{img}", "--point", "1,2", "--box", "1,1,5,5", "--box", "2,2,6,6",
-          "--model", "{model}", "-o", "o.tif"], "at most one box"),
         (["segment", "{img}", "--point", "5,5", "--preset", "liver", "--model", "{model}", "-o", "o.tif"], "preset"),
         (["segment", "{img}", "--point", "1,2", "--model", "/no/such/sam.pth", "-o", "o.tif"], "neither an existing"),
         (["segment", "{img}", "--point", "1,2", "--model", "no-org/no-model", "-o", "o.tif"], "no-org/no-model"),
@@ -120,3 +118,15 @@ def test_segment_2d_api_overlap_goes_to_higher_score(tiny_engine, blob_image):
     winner, loser = sorted(objects, key=lambda o: o.score, reverse=True)
     np.testing.assert_array_equal(labels == winner.label, winner.mask)
     np.testing.assert_array_equal(labels == loser.label, loser.mask & ~winner.mask)
+
+
+def test_points_join_the_box_that_contains_them(tiny_engine, blob_image):
+    labels, objects = api.segment_2d(
+        tiny_engine, blob_image, points=[[60, 70], [120, 170]], point_labels=[1, 0],
+        boxes=[[30, 30, 90, 110], [100, 140, 145, 200]],
+    )
+    emb = tiny_engine.embed(blob_image)
+    first = tiny_engine.predict(emb, points=[[60, 70]], point_labels=[1], box=(30, 30, 90, 110))
+    second = tiny_engine.predict(emb, points=[[120, 170]], point_labels=[0], box=(100, 140, 145, 200))
+    np.testing.assert_array_equal(objects[0].mask, first.masks[0])
+    np.testing.assert_array_equal(objects[1].mask, second.masks[0])

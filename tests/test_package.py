@@ -66,7 +66,8 @@ LOWER = {
     "napari_sam.preprocess": {"napari_sam._types"},
     "napari_sam.engine": {"napari_sam._types", "napari_sam.preprocess"},
     "napari_sam.samples": set(),
-    "napari_sam.api": {"napari_sam._types", "napari_sam.preprocess", "napari_sam.engine"},
+    "napari_sam.annotate": {"napari_sam._types"},
+    "napari_sam.api": {"napari_sam._types", "napari_sam.preprocess", "napari_sam.engine", "napari_sam.annotate"},
 }
 
 

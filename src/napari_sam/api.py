@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._types import Prompt
+from . import annotate
 from .engine import MODEL_ENV, SamEngine, hub_cache_path, resolve_model_source
 
 
@@ -84,10 +84,10 @@ def segment_2d(
 ) -> tuple[np.ndarray, list[ObjectResult]]:
     """Segment objects in one 2D image and return a labels image.
 
-    Points (with their labels) describe one object, together with the box if exactly
-    one is given. Every further box is an object of its own. Objects get label ids
-    1, 2, ... in the order of their boxes; where masks overlap, the object with the
-    higher predicted IoU keeps the pixel. With ``multimask``, each object takes the
+    Objects follow :func:`napari_sam.annotate.group_prompts`, as in the widget: every
+    box is one object, a point joins the box that contains it (else the nearest box),
+    and points alone form one object. Objects get label ids 1, 2, ... in box order;
+    where masks overlap, the object with the higher predicted IoU keeps the pixel. With ``multimask``, each object takes the
     candidate with the highest predicted IoU.
 
     Parameters
@@ -106,25 +106,15 @@ def segment_2d(
     labels : ndarray of uint8/uint16, shape (H, W)
     objects : list of ObjectResult
     """
-    boxes_arr = None if boxes is None or len(boxes) == 0 else np.asarray(boxes, float).reshape(-1, 4)
     has_points = points is not None and len(points) > 0
-    if not has_points and boxes_arr is None:
+    has_boxes = boxes is not None and len(boxes) > 0
+    if not has_points and not has_boxes:
         raise ValueError("give at least one point or one box")
-    if has_points and boxes_arr is not None and len(boxes_arr) > 1:
-        raise ValueError(
-            "points describe one object and can be combined with at most one box; "
-            f"got {len(boxes_arr)} boxes"
-        )
-    prompts: list[Prompt] = []
-    if has_points:
-        prompts.append(Prompt(
-            points=np.asarray(points, float),
-            point_labels=None if point_labels is None else np.asarray(point_labels),
-            box=None if boxes_arr is None else boxes_arr[0],
-        ))
-    elif boxes_arr is not None:
-        prompts.extend(Prompt(box=b) for b in boxes_arr)
-
+    prompts = annotate.group_prompts(
+        np.asarray(points, float) if has_points else None,
+        None if point_labels is None else np.asarray(point_labels),
+        np.asarray(boxes, float).reshape(-1, 4) if has_boxes else None,
+    )
     embedding = engine.embed(image, **intensity)
     predictions = engine.predict_batch(embedding, prompts, multimask=multimask)
     objects = []
@@ -133,8 +123,9 @@ def segment_2d(
         objects.append(ObjectResult(label, pred.masks[k], float(pred.scores[k])))
     dtype = np.uint8 if len(objects) < 256 else np.uint16
     labels = np.zeros(embedding.original_size, dtype)
-    for obj in sorted(objects, key=lambda o: o.score, reverse=True):
-        labels[obj.mask & (labels == 0)] = obj.label
+    ranked = sorted(objects, key=lambda o: o.score, reverse=True)
+    plan = annotate.plan_commit(labels, [o.mask for o in ranked], [o.label for o in ranked])
+    labels[plan.indices] = plan.values
     return labels, objects
 
 

@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--point", action="append", type=_point, default=[], metavar="ROW,COL[,LABEL]",
                      help="a point prompt in pixels; LABEL 1 = object (default), 0 = background; repeatable")
     seg.add_argument("--box", action="append", type=_box, default=[], metavar="R0,C0,R1,C1",
-                     help="a box (row_min,col_min,row_max,col_max); each box is one object; repeatable")
+                     help="a box (row_min,col_min,row_max,col_max); each box is one object and points join "
+                     "the box that contains them; repeatable")
     seg.add_argument("--multimask", action="store_true",
                      help="decode 3 candidates per object and keep the one with the best predicted IoU")
     intensity = seg.add_mutually_exclusive_group()
