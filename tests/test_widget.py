@@ -318,3 +318,81 @@ def test_new_labels_layer_sits_under_prompts_and_points_stay_active(labeler, qtb
     assert names.index(LABELS_NAME) == names.index("img") + 1
     assert viewer.layers.selection.active is widget._points
     assert widget._points.mode == "add"
+
+
+def _click(layer, position, modifiers=()):
+    """Press and release at ``position`` (world) through napari's own mouse dispatch."""
+    from dataclasses import dataclass, field
+
+    from napari.utils._proxies import ReadOnlyWrapper
+    from napari.utils.interactions import mouse_press_callbacks, mouse_release_callbacks
+
+    @dataclass
+    class Event:
+        type: str
+        position: tuple
+        modifiers: list = field(default_factory=list)
+        is_dragging: bool = False
+        button: int = 1
+        pos: np.ndarray = field(default_factory=lambda: np.zeros(2))
+        view_direction: object = None
+        up_direction: object = None
+        dims_displayed: list = field(default_factory=lambda: [0, 1])
+        handled: bool = False
+
+    for kind, dispatch in (("mouse_press", mouse_press_callbacks), ("mouse_release", mouse_release_callbacks)):
+        event = Event(type=kind, position=tuple(position), modifiers=list(modifiers))
+        dispatch(layer, ReadOnlyWrapper(event, exceptions=("handled",)))
+
+
+def test_ctrl_click_adds_a_negative_point(labeler, qtbot, blob_image):
+    viewer, widget = labeler(blob_image)
+    embed(qtbot, widget)
+    with qtbot.waitSignal(widget.preview_ready, timeout=TIMEOUT):
+        _click(widget._points, (60, 70))
+    with qtbot.waitSignal(widget.preview_ready, timeout=TIMEOUT):
+        _click(widget._points, (70, 90), modifiers=["Control"])
+    with qtbot.waitSignal(widget.preview_ready, timeout=TIMEOUT):
+        _click(widget._points, (50, 60))
+    assert list(widget._points.features["sign"].astype(str)) == ["positive", "negative", "positive"]
+
+
+def test_keys_enter_and_1_2_3(labeler, qtbot, blob_image):
+    viewer, widget = labeler(blob_image)
+    widget.multimask_check.setChecked(True)
+    embed(qtbot, widget)
+    preds = add_point(qtbot, widget, [60, 70])
+    def press(key):  # what pressing ``key`` with the points layer active runs
+        binding = next(v for k, v in widget._points.keymap.items() if str(k) == key)
+        binding(widget._points)
+
+    press("2")
+    assert widget.candidate_buttons[1].isChecked()
+    press("Enter")
+    np.testing.assert_array_equal(viewer.layers[LABELS_NAME].data == 1, preds[0].masks[1])
+    add_point(qtbot, widget, [60, 70])
+    press("Escape")
+    assert len(widget._points.data) == 0 and not widget._preview.data.any()
+
+
+def test_stale_decode_results_are_dropped(labeler, qtbot, blob_image):
+    viewer, widget = labeler(blob_image)
+    embed(qtbot, widget)
+    preds = add_point(qtbot, widget, [60, 70])
+    shown = widget._preview.data.copy()
+    fake = [type(preds[0])(masks=~preds[0].masks, scores=preds[0].scores, logits=preds[0].logits)]
+    with qtbot.assertNotEmitted(widget.preview_ready):
+        widget._on_decoded(widget._decode_seq - 1, None, [], fake)  # an older request
+    np.testing.assert_array_equal(widget._preview.data, shown)
+
+
+def test_rgb_image(labeler, qtbot, blob_image, tiny_engine):
+    rgb = np.stack([blob_image, blob_image // 2, 255 - blob_image], axis=-1)
+    viewer, widget = labeler(rgb)
+    assert viewer.layers["img"].rgb
+    embed(qtbot, widget)
+    preds = add_point(qtbot, widget, [60, 70])
+    expected = tiny_engine.predict(tiny_engine.embed(rgb), points=[[60, 70]])
+    np.testing.assert_array_equal(preds[0].masks, expected.masks)
+    widget.commit()
+    assert viewer.layers[LABELS_NAME].data.shape == blob_image.shape

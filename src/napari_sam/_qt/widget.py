@@ -317,14 +317,14 @@ class SamLabelerWidget(QWidget):
         self._on_negative_toggled(self.negative_check.isChecked())
 
     def _on_points_press(self, layer, event):
-        """Ctrl-click adds a negative point: switch the default sign just for this click."""
-        if layer.mode != "add" or "Control" not in event.modifiers:
-            return
-        layer.feature_defaults["sign"] = NEGATIVE
-        yield
-        while event.type == "mouse_move":
-            yield
-        self._on_negative_toggled(self.negative_check.isChecked())
+        """Set the sign of the point this press may add: Ctrl-click or the toggle = negative.
+
+        Set on every press because napari copies the features of the last added (and
+        selected) point into ``feature_defaults``.
+        """
+        if layer.mode == "add":
+            negative = self.negative_check.isChecked() or "Control" in event.modifiers
+            layer.feature_defaults["sign"] = NEGATIVE if negative else POSITIVE
 
     def _on_negative_toggled(self, negative: bool) -> None:
         if self._points is not None:
