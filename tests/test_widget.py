@@ -27,8 +27,9 @@ def labeler(make_napari_viewer, tiny_sam_dir, qtbot):
     def make(data, **layer_kwargs):
         viewer = make_napari_viewer()
         viewer.add_image(data, name="img", **layer_kwargs)
-        widget = SamLabelerWidget(viewer)
-        viewer.window.add_dock_widget(widget, name="SAM Labeler")
+        # Through the manifest, as users get it: napari passes the widget a proxy viewer.
+        _dock, widget = viewer.window.add_plugin_dock_widget("napari-sam-labeler")
+        assert isinstance(widget, SamLabelerWidget)
         widget.model_edit.setText(str(tiny_sam_dir))
         widget.device_combo.setCurrentText("cpu")
         widget.dtype_combo.setCurrentText("fp32")

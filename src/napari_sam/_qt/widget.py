@@ -225,15 +225,19 @@ class SamLabelerWidget(QWidget):
             self._on_image_changed(self.image_combo.currentText())
 
     def _on_layer_removed(self, event) -> None:
+        # napari hands plugins a proxy viewer whose layers are fresh wrappers on every
+        # access: compare with == and key by unique_id, never by identity.
         layer = event.value
-        if layer is self._points:
+        if layer == self._points:
             self._points = None
-        elif layer is self._boxes:
+        elif layer == self._boxes:
             self._boxes = None
-        elif layer is self._preview:
+        elif layer == self._preview:
             self._preview = None
-        self._embeddings = OrderedDict((k, v) for k, v in self._embeddings.items() if k[0] != id(layer))
-        self._mappings.pop(id(layer), None)
+        self._embeddings = OrderedDict(
+            (k, v) for k, v in self._embeddings.items() if k[0] != layer.unique_id
+        )
+        self._mappings.pop(layer.unique_id, None)
 
     def _on_image_changed(self, name: str) -> None:
         self._invalidate_preview()
@@ -383,11 +387,9 @@ class SamLabelerWidget(QWidget):
     def _requested_engine_key(self):
         return (self.model_edit.text().strip(), self.device_combo.currentText(), self.dtype_combo.currentText())
 
-    def _mapping_key(self, layer: Image):
-        return id(layer)
-
-    def _embedding_key(self, layer: Image, z):
-        return (id(layer), z)
+    @staticmethod
+    def _embedding_key(layer: Image, z):
+        return (layer.unique_id, z)
 
     def current_embedding(self):
         """The cached embedding for the image and slice on screen, or None."""
@@ -426,7 +428,7 @@ class SamLabelerWidget(QWidget):
             return
 
         engine = self.engine
-        mapping = self._mappings.get(self._mapping_key(layer))
+        mapping = self._mappings.get(layer.unique_id)
         data, rgb = layer.data, layer.rgb
         key = self._embedding_key(layer, z)
 
@@ -460,7 +462,7 @@ class SamLabelerWidget(QWidget):
         # instead of being re-raised in the event loop.
         self._embed_worker = create_worker(work, _connect={
             "yielded": self._on_embed_progress,
-            "returned": partial(self._on_embedded, key, requested, id(layer)),
+            "returned": partial(self._on_embedded, key, requested, layer.unique_id),
             "errored": self._on_error,
             "aborted": self._on_embed_aborted,
             "finished": self._on_embed_finished,
