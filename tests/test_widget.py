@@ -371,6 +371,10 @@ def test_keys_enter_and_1_2_3(labeler, qtbot, blob_image):
     assert widget.candidate_buttons[1].isChecked()
     press("Enter")
     np.testing.assert_array_equal(viewer.layers[LABELS_NAME].data == 1, preds[0].masks[1])
+    press("Ctrl+Z")  # undo the commit while still prompting
+    assert not viewer.layers[LABELS_NAME].data.any()
+    press("Ctrl+Shift+Z")
+    np.testing.assert_array_equal(viewer.layers[LABELS_NAME].data == 1, preds[0].masks[1])
     add_point(qtbot, widget, [60, 70])
     press("Escape")
     assert len(widget._points.data) == 0 and not widget._preview.data.any()

@@ -312,7 +312,10 @@ class SamLabelerWidget(QWidget):
             self.viewer.add_layer(self._preview)
         for layer in (self._points, self._boxes, self._preview):
             layer.scale, layer.translate = scale, translate
-            for key, func in (("Enter", self.commit), ("Escape", self.clear_prompts)):
+            # Ctrl+Z must undo the labels edit while the user is prompting, not only when
+            # the labels layer is the active one (where napari binds it).
+            for key, func in (("Enter", self.commit), ("Escape", self.clear_prompts),
+                              ("Control-Z", self.undo), ("Control-Shift-Z", self.redo)):
                 layer.bind_key(key, lambda _layer, f=func: f(), overwrite=True)
             for i in range(3):
                 layer.bind_key(str(i + 1), lambda _layer, i=i: self.choose_candidate(i), overwrite=True)
@@ -701,6 +704,12 @@ class SamLabelerWidget(QWidget):
         layer = self.labels_layer
         if layer is not None:
             layer.undo()
+
+    def redo(self) -> None:
+        """Redo the last undone edit of the labels layer."""
+        layer = self.labels_layer
+        if layer is not None:
+            layer.redo()
 
     def clear_prompts(self) -> None:
         """Remove all points and boxes and the preview (Esc)."""
