@@ -112,7 +112,7 @@ def plan_commit(
     ids: Sequence[int],
     *,
     overwrite: bool = False,
-    replace: int | None = None,
+    replace: int | Sequence[int] | None = None,
 ) -> CommitPlan:
     """Decide which pixels of a 2D labels slice change when ``masks`` are committed.
 
@@ -128,16 +128,16 @@ def plan_commit(
     overwrite : bool
         Whether pixels of *other* labels may be taken. Off by default: existing labels
         are never overwritten silently; ``kept`` counts what was spared.
-    replace : int, optional
-        The label being refined: its old pixels outside the new mask become background,
-        so the commit replaces that label only.
+    replace : int or sequence of int, optional
+        The label(s) being refined or re-propagated: their old pixels outside the new
+        masks become background, so the commit replaces those labels only.
     """
     current = np.asarray(current)
     if len(masks) != len(ids):
         raise ValueError(f"{len(masks)} masks but {len(ids)} label ids")
     new = current.copy()
     if replace is not None:
-        new[current == replace] = 0
+        new[np.isin(current, np.atleast_1d(replace))] = 0
     claimed = np.zeros(current.shape, bool)
     kept = 0
     for mask, label in zip(masks, ids):
