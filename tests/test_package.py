@@ -22,6 +22,7 @@ HEAVY = ("torch", "transformers", "napari", "qtpy", "PyQt5", "PyQt6", "PySide2",
 def test_import_is_light():
     code = (
         "import sys, napari_sam, napari_sam.api, napari_sam.cli, napari_sam.engine, napari_sam.preprocess\n"
+        "import napari_sam.cache, napari_sam.volume, napari_sam.propagate\n"
         f"heavy = [m for m in {HEAVY!r} if m in sys.modules]\n"
         "print(','.join(heavy))\n"
     )
@@ -67,7 +68,11 @@ LOWER = {
     "napari_sam.engine": {"napari_sam._types", "napari_sam.preprocess"},
     "napari_sam.samples": set(),
     "napari_sam.annotate": {"napari_sam._types"},
-    "napari_sam.api": {"napari_sam._types", "napari_sam.preprocess", "napari_sam.engine", "napari_sam.annotate"},
+    "napari_sam.cache": {"napari_sam._types", "napari_sam.engine"},
+    "napari_sam.volume": {"napari_sam._types", "napari_sam.preprocess", "napari_sam.cache"},
+    "napari_sam.propagate": {"napari_sam._types", "napari_sam.annotate"},
+    "napari_sam.api": {"napari_sam._types", "napari_sam.preprocess", "napari_sam.engine", "napari_sam.annotate",
+                       "napari_sam.cache", "napari_sam.volume", "napari_sam.propagate"},
 }
 
 

@@ -46,8 +46,8 @@ class StopRule:
     max_slices: int | None = None
 
     def check(self, score: float, area: int, previous_area: int) -> str | None:
-        if area < self.min_area:
-            return "vanished"
+        if area == 0 or area < self.min_area:
+            return "vanished"  # an empty mask has nothing to carry to the next slice
         if score < self.min_iou:
             return f"predicted IoU {score:.2f} < {self.min_iou:g}"
         ratio = area / max(previous_area, 1)
