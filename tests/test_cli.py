@@ -130,3 +130,80 @@ def test_points_join_the_box_that_contains_them(tiny_engine, blob_image):
     second = tiny_engine.predict(emb, points=[[120, 170]], point_labels=[0], box=(100, 140, 145, 200))
     np.testing.assert_array_equal(objects[0].mask, first.masks[0])
     np.testing.assert_array_equal(objects[1].mask, second.masks[0])
+
+
+@pytest.fixture
+def volume_file(tmp_path, blob_image):
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, np.stack([blob_image] * 5).astype(np.uint16) * 40, photometric="minisblack")
+    return path
+
+
+def test_embed_fills_cache_and_resumes(tiny_sam_dir, volume_file, tmp_path):
+    cache = tmp_path / "cache"
+    res = run_cli("embed", str(volume_file), "--model", str(tiny_sam_dir), "--cache", str(cache), "--slices", "1:3")
+    assert res.returncode == 0, res.stderr
+    # the slices are identical, so they share one key: the second is a cache hit
+    assert "2 slices" in res.stdout and "1 were already cached" in res.stdout
+    assert "embedding" in res.stderr and "2/2" in res.stderr  # the progress bar
+    res = run_cli("embed", str(volume_file), "--model", str(tiny_sam_dir), "--cache", str(cache), "--batch-size", "2")
+    assert res.returncode == 0, res.stderr
+    assert "5 slices" in res.stdout and "5 were already cached" in res.stdout
+    info = run_cli("cache", "info", "--cache", str(cache))
+    assert info.returncode == 0 and "entries: 1" in info.stdout
+    clear = run_cli("cache", "clear", "--cache", str(cache))
+    assert "removed 1" in clear.stdout
+    assert "entries: 0" in run_cli("cache", "info", "--cache", str(cache)).stdout
+
+
+def test_embed_distinct_slices_compressed_tiff(tiny_sam_dir, tmp_path, blob_image):
+    path = tmp_path / "zstack.tif"
+    vol = np.stack([np.roll(blob_image, 5 * z, axis=0) for z in range(4)])
+    tifffile.imwrite(path, vol, compression="zlib", photometric="minisblack")  # not memory-mappable
+    cache = tmp_path / "c"
+    res = run_cli("embed", str(path), "--model", str(tiny_sam_dir), "--cache", str(cache))
+    assert res.returncode == 0, res.stderr
+    assert "entries: 4" in run_cli("cache", "info", "--cache", str(cache)).stdout
+
+
+def test_segment_volume_with_propagation(tiny_sam_dir, volume_file, tmp_path, tiny_engine):
+    from napari_sam.volume import Stack
+
+    out = tmp_path / "labels3d.tif"
+    res = run_cli("segment", str(volume_file), "--slice", "2", "--box", "30,30,90,110", "--propagate",
+                  "--min-iou", "-10", "--model", str(tiny_sam_dir), "--cache", str(tmp_path / "c"), "-o", str(out))
+    assert res.returncode == 0, res.stderr
+    labels = tifffile.imread(out)
+    volume = tifffile.imread(volume_file)
+    assert labels.shape == volume.shape
+    stack = Stack(volume)
+    expected = tiny_engine.predict(stack.embedding(2, tiny_engine), box=(30, 30, 90, 110))
+    np.testing.assert_array_equal(labels[2] == 1, expected.masks[0])
+    # identical slices: the object travels through the whole stack
+    assert labels.any(axis=(1, 2)).all()
+    assert "slices 0-4" in res.stdout
+    # without --propagate only the chosen slice is labelled
+    out2 = tmp_path / "one.tif"
+    assert main(["segment", str(volume_file), "--slice", "2", "--box", "30,30,90,110",
+                 "--model", str(tiny_sam_dir), "--no-cache", "-o", str(out2)]) == 0
+    one = tifffile.imread(out2)
+    assert one.shape == volume.shape and one[2].any() and not one[[0, 1, 3, 4]].any()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["segment", "{vol}", "--point", "5,5", "-o", "o.tif"], "pass --slice Z"),
+        (["segment", "{img}", "--point", "5,5", "--propagate", "-o", "o.tif"], "need a 3D stack"),
+        (["embed", "{vol}", "--slices", "a:b"], "START:STOP"),
+        (["embed", "{vol}", "--batch-size", "0"], "--batch-size"),
+        (["embed", "missing.tif"], "volume not found"),
+    ],
+)
+def test_volume_user_errors(args, message, volume_file, image_file, tmp_path, tiny_sam_dir):
+    args = [a.format(vol=volume_file, img=image_file) for a in args]
+    args = [str(tmp_path / a) if a == "o.tif" else a for a in args]
+    res = run_cli(*args, "--model", str(tiny_sam_dir)) if args[0] != "cache" else run_cli(*args)
+    assert res.returncode == 2, res.stderr
+    lines = [line for line in res.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and message in lines[0], res.stderr

@@ -14,7 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from . import annotate
+from . import preprocess as pp
+from .cache import EmbeddingCache
 from .engine import MODEL_ENV, SamEngine, hub_cache_path, resolve_model_source
+from .propagate import StopRule, propagate, seeds_from_labels
+from .volume import Stack
 
 
 @dataclass
@@ -50,6 +54,33 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"cannot read image {path}: {exc}") from exc
 
 
+def open_volume(path: str | os.PathLike):
+    """Open a 3D stack without loading it: TIFF memory-mapped (else zarr-backed), zarr, or .npy (mmap)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"volume not found: {path}")
+    try:
+        if path.is_dir():
+            import zarr
+
+            return zarr.open_array(store=str(path), mode="r")
+        suffix = path.suffix.lower()
+        if suffix == ".npy":
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            try:
+                return tifffile.memmap(path, mode="r")
+            except ValueError:  # compressed or tiled: read lazily through tifffile's zarr store
+                import zarr
+
+                return zarr.open_array(tifffile.imread(path, aszarr=True), mode="r")
+        return read_image(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot open volume {path}: {exc}") from exc
+
+
 def write_labels_tiff(path: str | os.PathLike, labels: np.ndarray, *, overwrite: bool = False) -> Path:
     """Write a labels image as TIFF, atomically (temporary file + rename).
 
@@ -72,6 +103,18 @@ def write_labels_tiff(path: str | os.PathLike, labels: np.ndarray, *, overwrite:
     return path
 
 
+def _prompts(points, point_labels, boxes):
+    has_points = points is not None and len(points) > 0
+    has_boxes = boxes is not None and len(boxes) > 0
+    if not has_points and not has_boxes:
+        raise ValueError("give at least one point or one box")
+    return annotate.group_prompts(
+        np.asarray(points, float) if has_points else None,
+        None if point_labels is None else np.asarray(point_labels),
+        np.asarray(boxes, float).reshape(-1, 4) if has_boxes else None,
+    )
+
+
 def segment_2d(
     engine: SamEngine,
     image: np.ndarray,
@@ -80,6 +123,7 @@ def segment_2d(
     point_labels: Sequence[int] | None = None,
     boxes: Sequence[Sequence[float]] | None = None,
     multimask: bool = False,
+    cache: EmbeddingCache | None = None,
     **intensity,
 ) -> tuple[np.ndarray, list[ObjectResult]]:
     """Segment objects in one 2D image and return a labels image.
@@ -98,6 +142,8 @@ def segment_2d(
     point_labels : (N,) array-like of 1/0, optional
     boxes : (M, 4) array-like of (row_min, col_min, row_max, col_max), optional
     multimask : bool
+    cache : EmbeddingCache, optional
+        Read/write the embedding through this cache.
     **intensity
         ``window``, ``preset``, ``percentiles`` or ``channel`` for the intensity mapping.
 
@@ -106,16 +152,16 @@ def segment_2d(
     labels : ndarray of uint8/uint16, shape (H, W)
     objects : list of ObjectResult
     """
-    has_points = points is not None and len(points) > 0
-    has_boxes = boxes is not None and len(boxes) > 0
-    if not has_points and not has_boxes:
-        raise ValueError("give at least one point or one box")
-    prompts = annotate.group_prompts(
-        np.asarray(points, float) if has_points else None,
-        None if point_labels is None else np.asarray(point_labels),
-        np.asarray(boxes, float).reshape(-1, 4) if has_boxes else None,
-    )
-    embedding = engine.embed(image, **intensity)
+    prompts = _prompts(points, point_labels, boxes)
+    if cache is None:
+        embedding = engine.embed(image, **intensity)
+    else:
+        image = pp.check_image_2d(image)
+        embedding = cache.embed(engine, image, mapping=pp.resolve_intensity(image, **intensity))
+    return _segment_embedding(engine, embedding, prompts, multimask)
+
+
+def _segment_embedding(engine, embedding, prompts, multimask):
     predictions = engine.predict_batch(embedding, prompts, multimask=multimask)
     objects = []
     for label, pred in enumerate(predictions, start=1):
@@ -167,3 +213,97 @@ def model_status(model: str | os.PathLike | None = None) -> ModelStatus:
         return ModelStatus(requested, origin, source.kind, cached, True, f"cached at {cached}")
     kind = "save_pretrained folder" if source.kind == "hf_dir" else "Meta-format checkpoint"
     return ModelStatus(requested, origin, source.kind, source.location, True, f"{kind} {source.location}")
+
+
+def propagate_labels(
+    engine: SamEngine,
+    stack: Stack,
+    labels: np.ndarray,
+    *,
+    seed_slices: Sequence[int],
+    ids: Sequence[int] | None = None,
+    cache: EmbeddingCache | None = None,
+    start: int | None = None,
+    direction: str = "both",
+    z_range: tuple[int, int] | None = None,
+    rule: StopRule | None = None,
+    overwrite: bool = False,
+    interior_point: bool = False,
+):
+    """Propagate the labels on ``seed_slices`` through ``stack``, writing into ``labels``.
+
+    A generator of :class:`~napari_sam.propagate.PropagationStep` (each already written);
+    its return value is the :class:`~napari_sam.propagate.PropagationSummary`. Each
+    object keeps its label id; on every slice it reaches, its old pixels there are
+    replaced; other labels are never touched (unless ``overwrite``).
+
+    Parameters
+    ----------
+    labels : ndarray, the stack's spatial shape
+        Modified in place.
+    seed_slices : sequence of int
+        Slices whose labels are the seeds (annotated or corrected by the user).
+    ids : sequence of int, optional
+        Objects to propagate; default all labels on the seed slices.
+    """
+    if tuple(labels.shape) != stack.spatial_shape:
+        raise ValueError(f"labels have shape {tuple(labels.shape)}; the stack is {stack.spatial_shape}")
+    seeds = {}
+    for z in seed_slices:
+        objects = seeds_from_labels(np.asarray(labels[stack.labels_index(z)]), ids)
+        if objects:
+            seeds[int(z)] = objects
+    if not seeds:
+        raise ValueError(f"no labels{'' if ids is None else ' ' + str(list(ids))} on slices {list(seed_slices)} to propagate")
+    steps = propagate(
+        engine, lambda z: stack.embedding(z, engine, cache), seeds, len(stack),
+        start=start, direction=direction, z_range=z_range, rule=rule, interior_point=interior_point,
+    )
+    while True:
+        try:
+            step = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        view = labels[stack.labels_index(step.z)]
+        chosen = sorted(step.masks)
+        plan = annotate.plan_commit(view, [step.masks[i] for i in chosen], chosen,
+                                    overwrite=overwrite, replace=chosen)
+        view[plan.indices] = plan.values
+        yield step
+
+
+def segment_volume(
+    engine: SamEngine,
+    stack: Stack,
+    z: int,
+    *,
+    points=None,
+    point_labels=None,
+    boxes=None,
+    multimask: bool = False,
+    propagate_objects: bool = True,
+    cache: EmbeddingCache | None = None,
+    direction: str = "both",
+    rule: StopRule | None = None,
+):
+    """Segment objects on slice ``z`` and (optionally) propagate them through the stack.
+
+    Returns ``(labels, objects, summary)``: a labels volume with the stack's spatial
+    shape, the objects found on slice ``z``, and the propagation summary (or None).
+    """
+    embedding = stack.embedding(z, engine, cache)
+    labels2d, objects = _segment_embedding(engine, embedding, _prompts(points, point_labels, boxes), multimask)
+    dtype = np.uint8 if len(objects) < 256 else np.uint16
+    labels = np.zeros(stack.spatial_shape, dtype)
+    labels[stack.labels_index(z)] = labels2d
+    summary = None
+    if propagate_objects and any(o.mask.any() for o in objects):
+        steps = propagate_labels(engine, stack, labels, seed_slices=[z], cache=cache,
+                                 direction=direction, rule=rule)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as stop:
+                summary = stop.value
+                break
+    return labels, objects, summary

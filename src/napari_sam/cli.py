@@ -57,6 +57,32 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA with bf16, else fp32), fp32, bf16, fp16")
 
 
+def _add_cache_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache", metavar="DIR", help="embedding cache folder "
+                   "(default: $NAPARI_SAM_CACHE or the user cache folder)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+
+
+def _open_cache(args):
+    from .cache import EmbeddingCache
+
+    if getattr(args, "no_cache", False):
+        return None
+    return EmbeddingCache(args.cache)
+
+
+def _slices(text: str | None, n: int):
+    if text is None:
+        return None
+    try:
+        parts = [int(p) if p else None for p in text.split(":")]
+    except ValueError:
+        raise UserError(f"--slices {text!r} must look like START:STOP") from None
+    if len(parts) != 2:
+        raise UserError(f"--slices {text!r} must look like START:STOP")
+    return range(n)[slice(*parts)]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="napari-sam",
@@ -81,8 +107,33 @@ def build_parser() -> argparse.ArgumentParser:
                            help="percentile clip for non-uint8 data (default 0.5,99.5)")
     seg.add_argument("--channel", type=int, help="channel to use from a multichannel image")
     _add_model_args(seg)
+    seg.add_argument("--slice", type=int, metavar="Z", help="for a 3D stack: the slice the prompts are on")
+    seg.add_argument("--axis", type=int, default=0, help="stack axis (default 0: Z or T)")
+    seg.add_argument("--propagate", action="store_true",
+                     help="3D: propagate the objects from --slice through the stack")
+    seg.add_argument("--direction", default="both", choices=["both", "up", "down"],
+                     help="propagation direction ('up' = increasing slice index)")
+    seg.add_argument("--min-iou", type=float, default=0.5, help="stop an object below this predicted IoU")
+    _add_cache_args(seg)
     seg.add_argument("-o", "--output", required=True, help="labels TIFF to write")
     seg.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+
+    emb = sub.add_parser("embed", help="embed the slices of a stack into the cache (resumable)")
+    emb.add_argument("volume", help="3D stack: TIFF (memory-mapped when possible), .npy or zarr folder")
+    emb.add_argument("--axis", type=int, default=0, help="stack axis (default 0)")
+    emb.add_argument("--slices", metavar="START:STOP", help="only these slices (Python range, e.g. 10:20)")
+    emb.add_argument("--batch-size", type=int, default=1, help="slices per encoder call")
+    eint = emb.add_mutually_exclusive_group()
+    eint.add_argument("--window", type=_window, metavar="CENTER,WIDTH")
+    eint.add_argument("--preset", help="CT window preset")
+    eint.add_argument("--percentiles", type=_window, metavar="LOW,HIGH")
+    emb.add_argument("--channel", type=int)
+    _add_model_args(emb)
+    _add_cache_args(emb)
+
+    cache = sub.add_parser("cache", help="inspect or clear the embedding cache")
+    cache.add_argument("action", choices=["info", "clear"])
+    cache.add_argument("--cache", metavar="DIR", help="cache folder (default: $NAPARI_SAM_CACHE or the user cache)")
 
     info = sub.add_parser("info", help="print versions, device and where the model resolves to")
     info.add_argument("--model", help="model to resolve (default: $NAPARI_SAM_MODEL, else facebook/sam-vit-large)")
@@ -112,33 +163,105 @@ def _load_engine(args):
     return load_model(args.model, device=args.device, dtype=args.dtype)
 
 
+def _intensity(args) -> dict:
+    return {"window": args.window, "preset": args.preset, "channel": args.channel,
+            "percentiles": tuple(args.percentiles) if args.percentiles else None}
+
+
 def cmd_segment(args) -> int:
     from . import api
 
     if not args.point and not args.box:
         raise UserError("give at least one --point or --box")
     image = api.read_image(args.image)
-    if image.ndim == 3 and image.shape[-1] > 16 or image.ndim > 3:
+    stack_like = image.ndim == 4 or (image.ndim == 3 and image.shape[-1] > 16)
+    if stack_like and args.slice is None:
         raise UserError(
-            f"{args.image} is a stack of shape {image.shape}; `segment` takes one 2D image "
-            "(H, W) or (H, W, C)",
+            f"{args.image} is a stack of shape {image.shape}; pass --slice Z for the slice the "
+            "prompts are on (and --propagate to follow the objects through the stack)",
         )
+    if not stack_like and image.ndim == 3 and args.slice is not None:
+        stack_like = True  # a short stack whose last axis could pass for channels
+    if not stack_like and (args.slice is not None or args.propagate):
+        raise UserError(f"--slice/--propagate need a 3D stack; {args.image} is 2D {image.shape}")
     if os.path.exists(args.output) and not args.overwrite:
         raise UserError(f"{args.output} exists; pass --overwrite to replace it")
     points = [p[:2] for p in args.point] or None
     labels = [int(p[2]) if len(p) == 3 else 1 for p in args.point] or None
-    intensity = {"window": args.window, "preset": args.preset, "channel": args.channel,
-                 "percentiles": tuple(args.percentiles) if args.percentiles else None}
     engine = _load_engine(args)
-    print(f"{engine}; embedding {args.image} {image.shape} ...", file=sys.stderr)
-    label_image, objects = api.segment_2d(
-        engine, image, points=points, point_labels=labels, boxes=args.box or None,
-        multimask=args.multimask, **intensity,
-    )
+    cache = _open_cache(args)
+    if stack_like:
+        from .propagate import StopRule
+        from .volume import Stack
+
+        stack = Stack(image, axis=args.axis, **_intensity(args))
+        print(f"{engine}; slice {args.slice} of {args.image} {image.shape} ...", file=sys.stderr)
+        label_image, objects, summary = api.segment_volume(
+            engine, stack, args.slice, points=points, point_labels=labels, boxes=args.box or None,
+            multimask=args.multimask, propagate_objects=args.propagate, cache=cache,
+            direction=args.direction, rule=StopRule(min_iou=args.min_iou),
+        )
+    else:
+        print(f"{engine}; embedding {args.image} {image.shape} ...", file=sys.stderr)
+        label_image, objects = api.segment_2d(
+            engine, image, points=points, point_labels=labels, boxes=args.box or None,
+            multimask=args.multimask, cache=cache, **_intensity(args),
+        )
+        summary = None
     api.write_labels_tiff(args.output, label_image, overwrite=args.overwrite)
     for obj in objects:
-        print(f"label {obj.label}: {int(obj.mask.sum())} pixels, predicted IoU {obj.score:.3f}")
+        line = f"label {obj.label}: {int(obj.mask.sum())} pixels, predicted IoU {obj.score:.3f}"
+        if summary is not None:
+            reached = sorted(summary.slices.get(obj.label, []) + [args.slice])
+            stops = "; ".join(f"stopped at {z}: {why}" for z, why in summary.stops.get(obj.label, []))
+            line += f"; slices {reached[0]}-{reached[-1]}" + (f" ({stops})" if stops else "")
+        print(line)
     print(f"wrote {args.output} {label_image.shape} {label_image.dtype}")
+    return 0
+
+
+def cmd_embed(args) -> int:
+    from . import api
+    from .volume import Stack
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    data = api.open_volume(args.volume)
+    stack = Stack(data, axis=args.axis, **_intensity(args))
+    indices = _slices(args.slices, len(stack))
+    engine = _load_engine(args)
+    cache = _open_cache(args)
+    if cache is None:
+        raise UserError("`embed` fills the cache; it cannot run with --no-cache")
+    from tqdm import tqdm
+
+    total = len(stack) if indices is None else len(indices)
+    bar = tqdm(total=total, unit="slice", desc="embedding", file=sys.stderr)
+    cached = 0
+    for step in stack.encode(engine, cache, indices, batch_size=args.batch_size):
+        if step.fraction == 1.0:
+            cached += step.cached
+            bar.update(1)
+            bar.set_postfix(slice=step.index, cached=cached)
+    bar.close()
+    print(f"{total} slices of {args.volume} in {cache.directory} ({cached} were already cached)")
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from .cache import EmbeddingCache
+
+    cache = EmbeddingCache(args.cache)
+    if args.action == "clear":
+        removed = cache.clear()
+        print(f"removed {removed} cached embeddings from {cache.directory}")
+        return 0
+    stats = cache.stats()
+    print(f"cache: {stats.directory}")
+    print(f"entries: {stats.entries}, {stats.bytes / 2**20:.1f} MiB "
+          f"(cap {cache.disk_bytes / 2**30:.0f} GiB)")
+    for model, count in sorted(stats.models.items(), key=lambda kv: -kv[1]):
+        print(f"  model {model}: {count}")
     return 0
 
 
@@ -190,7 +313,7 @@ def cmd_demo(args) -> int:
     return run_demo(sample=args.sample, model=args.model, status=status, screenshot=args.screenshot)
 
 
-COMMANDS = {"segment": cmd_segment, "info": cmd_info, "demo": cmd_demo}
+COMMANDS = {"segment": cmd_segment, "embed": cmd_embed, "cache": cmd_cache, "info": cmd_info, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -85,6 +85,18 @@ class Stack:
         spatial = [s for i, s in enumerate(self.data.shape[: 3]) if i != self.axis]
         return int(spatial[0]), int(spatial[1])
 
+    @property
+    def spatial_shape(self) -> tuple[int, int, int]:
+        """Shape of a labels volume for this stack (channels dropped)."""
+        return tuple(int(s) for s in self.data.shape[:3])
+
+    def labels_index(self, z: int) -> tuple:
+        """The index tuple that selects slice ``z`` of a labels volume."""
+        self.index(z)
+        idx = [slice(None)] * 3
+        idx[self.axis] = int(z)
+        return tuple(idx)
+
     def index(self, z: int) -> tuple:
         """The index tuple that selects slice ``z`` of the data."""
         if not 0 <= z < len(self):
