@@ -16,6 +16,12 @@ os.environ.pop("NAPARI_SAM_MODEL", None)
 TINY_IMAGE_SIZE = 256
 
 
+@pytest.fixture(autouse=True)
+def _private_embedding_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own embedding cache folder, never the user's."""
+    monkeypatch.setenv("NAPARI_SAM_CACHE", str(tmp_path_factory.mktemp("sam_cache")))
+
+
 def tiny_sam_config(image_size: int = TINY_IMAGE_SIZE):
     """A SamConfig that runs in milliseconds (see shared/STYLE.md).
 

@@ -401,3 +401,77 @@ def test_rgb_image(labeler, qtbot, blob_image, tiny_engine):
     np.testing.assert_array_equal(preds[0].masks, expected.masks)
     widget.commit()
     assert viewer.layers[LABELS_NAME].data.shape == blob_image.shape
+
+
+def test_embed_stack_fills_the_cache_and_serves_slices(labeler, qtbot, blob_volume):
+    viewer, widget = labeler(blob_volume)
+    assert widget.stack_box.isEnabled() and widget.z_to.value() == 4
+    widget.z_from.setValue(1)
+    widget.z_to.setValue(3)
+    with qtbot.waitSignal(widget.stack_embedded, timeout=TIMEOUT) as blocker:
+        widget.embed_stack()
+    assert blocker.args[0] == (3, 5)
+    assert widget.cached_label.text() == "cached: 3/5 slices"
+    qtbot.waitUntil(lambda: widget._stack_worker is None, timeout=TIMEOUT)
+    assert widget.cache.stats().entries == 3
+    hits = widget.cache.hits
+    viewer.dims.set_current_step(0, 2)
+    embed(qtbot, widget)  # slice 2 comes from the cache, not the encoder
+    assert widget.cache.hits == hits + 1
+    widget.z_from.setValue(0)
+    widget.z_to.setValue(4)
+    with qtbot.waitSignal(widget.stack_embedded, timeout=TIMEOUT) as blocker:
+        widget.embed_stack()
+    assert blocker.args[0] == (5, 5)
+
+
+def test_cancel_embed_stack(labeler, qtbot, blob_volume, tiny_engine):
+    viewer, widget = labeler(blob_volume)
+
+    class SlowEncoder(SlowEngine):
+        def encode_steps(self, images):
+            for i in range(20):
+                time.sleep(0.05)
+                yield i, 40
+            return (yield from self._engine.encode_steps(images))
+
+    widget.set_engine(SlowEncoder(tiny_engine))
+    widget.embed_stack()
+    qtbot.wait(300)
+    widget.cancel_stack_work()
+    qtbot.waitUntil(lambda: widget._stack_worker is None, timeout=TIMEOUT)
+    assert widget.cache.stats().entries < 5
+    assert "Stopped" in widget.status.text() and widget.embed_stack_button.isEnabled()
+
+
+def test_propagate_through_the_stack_with_one_undo(labeler, qtbot, blob_volume, monkeypatch):
+    from napari_sam.propagate import StopRule
+
+    monkeypatch.setattr(StopRule, "check", lambda self, score, area, prev: None if area else "vanished")
+    viewer, widget = labeler(blob_volume)
+    viewer.dims.set_current_step(0, 2)
+    embed(qtbot, widget)
+    with qtbot.waitSignal(widget.preview_ready, timeout=TIMEOUT):
+        widget._boxes.add_rectangles(np.array([[2, 30.0, 30], [2, 30, 110], [2, 90, 110], [2, 90, 30]]))
+    widget.commit()
+    labels = viewer.layers[LABELS_NAME]
+    labels.data[0, :5, :5] = 9  # another label that must survive
+    before = labels.data.copy()
+    assert widget._seed_slices[labels.unique_id] == {1: {2}}
+    with qtbot.waitSignal(widget.propagated, timeout=TIMEOUT) as blocker:
+        widget.propagate()
+    summary = blocker.args[0]
+    assert sorted(summary.slices[1]) == [0, 1, 3, 4]
+    assert all(labels.data[z].max() >= 1 for z in range(5))
+    np.testing.assert_array_equal(labels.data[2], before[2])  # the seed slice is unchanged
+    np.testing.assert_array_equal(labels.data[0, :5, :5], 9)
+    widget.undo()  # one step undoes the whole propagation
+    np.testing.assert_array_equal(labels.data, before)
+
+
+def test_propagate_without_labels_is_reported(labeler, qtbot, blob_volume):
+    viewer, widget = labeler(blob_volume)
+    viewer.add_labels(np.zeros(blob_volume.shape, np.uint8), name="empty")
+    widget.labels_combo.setCurrentText("empty")
+    widget.propagate()
+    assert widget._stack_worker is None

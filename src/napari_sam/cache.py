@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -88,6 +89,7 @@ class EmbeddingCache:
         self._memory: OrderedDict[str, ImageEmbedding] = OrderedDict()
         self._memory_used = 0
         self._disk_used: int | None = None
+        self._lock = threading.RLock()  # the widget reads from the GUI thread while workers write
         self.hits = self.misses = self.corrupt = 0
 
     # --- keys and paths ---------------------------------------------------------------
@@ -103,6 +105,10 @@ class EmbeddingCache:
         return int(f.numel() * f.element_size())
 
     def _remember(self, key: str, embedding: ImageEmbedding) -> None:
+        with self._lock:
+            self._remember_locked(key, embedding)
+
+    def _remember_locked(self, key: str, embedding: ImageEmbedding) -> None:
         if key in self._memory:
             self._memory.move_to_end(key)
             return
@@ -119,11 +125,12 @@ class EmbeddingCache:
 
     def get(self, key: str, engine) -> ImageEmbedding | None:
         """The embedding stored under ``key``, on ``engine``'s device and dtype, or None."""
-        emb = self._memory.get(key)
-        if emb is not None:
-            self._memory.move_to_end(key)
-            self.hits += 1
-            return emb
+        with self._lock:
+            emb = self._memory.get(key)
+            if emb is not None:
+                self._memory.move_to_end(key)
+                self.hits += 1
+                return emb
         if self.directory is not None:
             emb = self._read(key, engine)
             if emb is not None:
@@ -276,8 +283,9 @@ class EmbeddingCache:
 
     def clear(self) -> int:
         """Delete every entry (and stale temporary files); returns the number removed."""
-        self._memory.clear()
-        self._memory_used = 0
+        with self._lock:
+            self._memory.clear()
+            self._memory_used = 0
         entries = self._entries()
         for path in entries:
             shutil.rmtree(path, ignore_errors=True)

@@ -23,6 +23,7 @@ from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
+    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QGroupBox,
@@ -37,6 +38,7 @@ from qtpy.QtWidgets import (
 
 from .. import annotate
 from .._types import Prompt
+from ..cache import EmbeddingCache
 from ..engine import DEFAULT_MODEL, MODEL_ENV
 
 POINTS_NAME = "SAM points"
@@ -59,6 +61,10 @@ class SamLabelerWidget(QWidget):
     committed = Signal(object)
     #: encoding stopped by the user
     embedding_cancelled = Signal()
+    #: "Embed stack" finished: (slices cached, slices in the stack)
+    stack_embedded = Signal(object)
+    #: "Propagate" finished and was written: PropagationSummary
+    propagated = Signal(object)
 
     def __init__(self, napari_viewer, parent=None):
         super().__init__(parent)
@@ -76,6 +82,11 @@ class SamLabelerWidget(QWidget):
         self._preview_slice = None
         self._choice: int | None = None
         self._refine_label: int | None = None
+        self.cache = EmbeddingCache()  # $NAPARI_SAM_CACHE or the user cache folder
+        self._stack_worker = None
+        self._stack_progress = None
+        # per labels layer: {label id: slices the user committed it on} (propagation seeds)
+        self._seed_slices: dict = {}
         self._points: Points | None = None
         self._boxes: Shapes | None = None
         self._preview: Labels | None = None
@@ -175,6 +186,48 @@ class SamLabelerWidget(QWidget):
         oform.addRow(action_row)
         layout.addWidget(out)
 
+        self.stack_box = QGroupBox("3D stack")
+        sform = QFormLayout(self.stack_box)
+        range_row = QHBoxLayout()
+        self.z_from = QSpinBox()
+        self.z_to = QSpinBox()
+        range_row.addWidget(self.z_from)
+        range_row.addWidget(QLabel("to"))
+        range_row.addWidget(self.z_to)
+        sform.addRow("Slices", range_row)
+        stack_row = QHBoxLayout()
+        self.embed_stack_button = QPushButton("Embed stack")
+        self.embed_stack_button.setToolTip("Embed the slice range into the cache (resumable)")
+        self.embed_stack_button.clicked.connect(self.embed_stack)
+        self.stack_cancel_button = QPushButton("Cancel")
+        self.stack_cancel_button.setEnabled(False)
+        self.stack_cancel_button.clicked.connect(self.cancel_stack_work)
+        stack_row.addWidget(self.embed_stack_button)
+        stack_row.addWidget(self.stack_cancel_button)
+        sform.addRow(stack_row)
+        self.cached_label = QLabel("cached: –")
+        sform.addRow(self.cached_label)
+        prop_row = QHBoxLayout()
+        self.direction_combo = QComboBox()
+        self.direction_combo.addItems(["both", "up", "down"])
+        self.direction_combo.setToolTip("'up' is increasing slice index")
+        self.min_iou_spin = QDoubleSpinBox()
+        self.min_iou_spin.setRange(0.0, 1.0)
+        self.min_iou_spin.setSingleStep(0.05)
+        self.min_iou_spin.setValue(0.5)
+        self.min_iou_spin.setToolTip("Stop an object when SAM's predicted IoU falls below this")
+        prop_row.addWidget(self.direction_combo)
+        prop_row.addWidget(QLabel("min IoU"))
+        prop_row.addWidget(self.min_iou_spin)
+        sform.addRow("Direction", prop_row)
+        self.selected_only_check = QCheckBox("Only the selected label")
+        sform.addRow(self.selected_only_check)
+        self.propagate_button = QPushButton("Propagate from this slice")
+        self.propagate_button.clicked.connect(self.propagate)
+        sform.addRow(self.propagate_button)
+        self.stack_box.setEnabled(False)
+        layout.addWidget(self.stack_box)
+
         self.status = QLabel("Choose an image, then add points or boxes.")
         self.status.setWordWrap(True)
         layout.addWidget(self.status)
@@ -249,6 +302,15 @@ class SamLabelerWidget(QWidget):
             self._set_status(problem)
             return
         self._ensure_prompt_layers(layer)
+        is_stack = layer.ndim == 3
+        self.stack_box.setEnabled(is_stack)
+        if is_stack:
+            last = int(layer.data.shape[0]) - 1
+            for spin in (self.z_from, self.z_to):
+                spin.setRange(0, last)
+            self.z_from.setValue(0)
+            self.z_to.setValue(last)
+            self.cached_label.setText("cached: press Embed stack to embed and count")
         self._set_status(f"{layer.name}: add points (click) or boxes, or press Compute embedding.")
 
     # --- layers -----------------------------------------------------------------------
@@ -434,21 +496,20 @@ class SamLabelerWidget(QWidget):
         mapping = self._mappings.get(layer.unique_id)
         data, rgb = layer.data, layer.rgb
         key = self._embedding_key(layer, z)
+        cache = self.cache
 
         def work():
             nonlocal engine, mapping
             if engine is None:
                 yield ("Loading model", 0, 1)
-                from ..engine import load_model
-
-                engine = load_model(requested[0] or None, device=requested[1], dtype=requested[2])
+                engine = _load_engine(requested)
             if mapping is None:
                 from ..preprocess import resolve_intensity
 
                 # A volume gets one mapping over all slices: same contrast on every slice.
                 mapping = resolve_intensity(data, multichannel=rgb)
             image = np.asarray(data if z is None else data[z])
-            steps = engine.embed_steps(image, mapping=mapping)
+            steps = cache.embed_steps(engine, image, mapping=mapping)
             while True:
                 try:
                     done, total = next(steps)
@@ -690,6 +751,10 @@ class SamLabelerWidget(QWidget):
         if plan.size:
             indices = plan.indices if z is None else (np.full(plan.indices[0].shape, z),) + plan.indices
             target.data_setitem(indices, plan.values)
+        if z is not None:  # the user's own slices bound later propagation
+            seeds = self._seed_slices.setdefault(target.unique_id, {})
+            for label in plan.ids:
+                seeds.setdefault(label, set()).add(z)
         if plan.kept:
             show_info(f"SAM Labeler: kept {plan.kept} pixels of other labels (Overwrite other labels is off).")
         where = "" if z is None else f" on slice {z}"
@@ -739,3 +804,174 @@ class SamLabelerWidget(QWidget):
         self.stop_refine_button.setEnabled(False)
         if decode:
             self.request_decode()
+
+    # --- 3D stack: embed all slices, propagate ----------------------------------------
+
+    def _stack_busy(self, busy: bool) -> None:
+        self.embed_stack_button.setEnabled(not busy)
+        self.propagate_button.setEnabled(not busy)
+        self.stack_cancel_button.setEnabled(busy)
+
+    def _start_stack_worker(self, work, on_returned, desc: str) -> None:
+        self._stack_busy(True)
+        self._stack_progress = progress(total=0, desc=desc)
+        self._stack_worker = create_worker(work, _connect={
+            "yielded": self._on_stack_progress,
+            "returned": on_returned,
+            "errored": self._on_error,
+            "aborted": lambda: self._set_status("Stopped; nothing was written (embedded slices stay cached)."),
+            "finished": self._on_stack_finished,
+        })
+
+    def _on_stack_progress(self, value) -> None:
+        text, done, total = value
+        bar = self._stack_progress
+        if bar is None:
+            return
+        if bar.total != total:
+            bar.total = total
+        bar.n = done
+        bar.refresh()
+        self._set_status(text)
+
+    def _on_stack_finished(self) -> None:
+        self._stack_worker = None
+        if self._stack_progress is not None:
+            self._stack_progress.close()
+            self._stack_progress = None
+        self._stack_busy(False)
+
+    def cancel_stack_work(self) -> None:
+        """Stop "Embed stack" or "Propagate" at the next step."""
+        if self._stack_worker is not None:
+            self._stack_worker.quit()
+
+    def _stack_inputs(self):
+        layer = self.image_layer
+        if layer is None or layer.ndim != 3 or self._unsupported(layer):
+            show_warning("SAM Labeler: choose a 3D image layer (Z, Y, X).")
+            return None
+        if self._stack_worker is not None or self._embed_worker is not None:
+            show_info("SAM Labeler: wait for the running task (or cancel it).")
+            return None
+        requested = self._requested_engine_key()
+        if self.engine is not None and requested != self._engine_key:
+            self.engine = None
+            self._embeddings.clear()
+        lo, hi = self.z_from.value(), self.z_to.value()
+        if lo > hi:
+            show_warning(f"SAM Labeler: slice range {lo} to {hi} is empty.")
+            return None
+        return layer, requested, (lo, hi)
+
+    def embed_stack(self) -> None:
+        """Embed the chosen slice range into the cache in a worker (progress, Cancel)."""
+        inputs = self._stack_inputs()
+        if inputs is None:
+            return
+        layer, requested, (lo, hi) = inputs
+        engine, cache = self.engine, self.cache
+        mapping = self._mappings.get(layer.unique_id)
+        data, uid = layer.data, layer.unique_id
+
+        def work():
+            from ..volume import Stack
+
+            nonlocal engine
+            if engine is None:
+                yield ("Loading model …", 0, 1)
+                engine = _load_engine(requested)
+            stack = Stack(data, mapping=mapping)
+            n = hi - lo + 1
+            for step in stack.encode(engine, cache, range(lo, hi + 1)):
+                state = "cached" if step.cached else "embedded"
+                value = step.done if step.fraction == 1.0 else step.done + step.fraction
+                yield (f"Slice {step.index}: {state} ({step.done}/{n})", value, n)
+            cached = sum(cache.contains(stack.key(z, engine)) for z in range(len(stack)))
+            return engine, stack.mapping, cached, len(stack)
+
+        def done(result):
+            engine_, mapping_, cached, total = result
+            self.engine, self._engine_key = engine_, requested
+            self._mappings[uid] = mapping_
+            self.cached_label.setText(f"cached: {cached}/{total} slices")
+            self._set_status(f"Slices {lo}-{hi} embedded; {cached} of {total} slices are in the cache.")
+            self.stack_embedded.emit((cached, total))
+
+        self._start_stack_worker(work, done, f"SAM: embedding slices {lo}-{hi}")
+
+    def propagate(self) -> None:
+        """Propagate the labels on this slice through the slice range (one undo step)."""
+        inputs = self._stack_inputs()
+        if inputs is None:
+            return
+        layer, requested, z_range = inputs
+        target = self.labels_layer
+        if target is None or tuple(target.data.shape) != self._spatial_shape(layer):
+            show_warning("SAM Labeler: choose a labels layer with the image's shape (commit a label first).")
+            return
+        z = self.current_slice(layer)
+        current = np.asarray(target.data[z])
+        if self.selected_only_check.isChecked():
+            ids = [int(target.selected_label)]
+        else:
+            ids = [int(i) for i in np.unique(current) if i != 0]
+        ids = [i for i in ids if (current == i).any()]
+        if not ids:
+            show_warning(f"SAM Labeler: no labels on slice {z} to propagate.")
+            return
+        seeds = self._seed_slices.get(target.unique_id, {})
+        seed_slices = sorted({z} | {s for i in ids for s in seeds.get(i, ())})
+        original = np.array(target.data)
+        work_labels = original.copy()
+        engine, cache = self.engine, self.cache
+        mapping = self._mappings.get(layer.unique_id)
+        data, uid = layer.data, layer.unique_id
+        direction = self.direction_combo.currentText()
+        from ..propagate import StopRule
+
+        rule = StopRule(min_iou=self.min_iou_spin.value())
+        overwrite = self.overwrite_check.isChecked()
+
+        def work():
+            from ..api import propagate_labels
+            from ..volume import Stack
+
+            nonlocal engine
+            if engine is None:
+                yield ("Loading model …", 0, 1)
+                engine = _load_engine(requested)
+            stack = Stack(data, mapping=mapping)
+            steps = propagate_labels(
+                engine, stack, work_labels, seed_slices=seed_slices, ids=ids, cache=cache, start=z,
+                direction=direction, z_range=z_range, rule=rule, overwrite=overwrite,
+            )
+            span = max(z - z_range[0], z_range[1] - z, 1)
+            n = 0
+            while True:
+                try:
+                    step = next(steps)
+                except StopIteration as stop:
+                    return engine, stack.mapping, stop.value
+                n += 1
+                yield (f"Propagating: slice {step.z} ({len(step.masks)} object(s))", min(n, span), span)
+
+        def done(result):
+            engine_, mapping_, summary = result
+            self.engine, self._engine_key = engine_, requested
+            self._mappings[uid] = mapping_
+            changed = np.nonzero(work_labels != original)
+            if changed[0].size:
+                target.data_setitem(changed, work_labels[changed])  # one undo step
+            reached = sorted({zz for zs in summary.slices.values() for zz in zs})
+            where = f"slices {reached[0]}-{reached[-1]}" if reached else "no other slice"
+            self._set_status(f"Propagated label(s) {', '.join(map(str, ids))} to {where}. Ctrl+Z reverts.")
+            self.propagated.emit(summary)
+
+        self._start_stack_worker(work, done, f"SAM: propagating from slice {z}")
+
+
+def _load_engine(requested):
+    from ..engine import load_model
+
+    return load_model(requested[0] or None, device=requested[1], dtype=requested[2])
