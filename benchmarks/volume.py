@@ -65,8 +65,6 @@ def synthetic_stack(n: int, size: int = 512):
 
 
 def timed_encode(engine, stack, cache):
-    from napari_sam.volume import Stack  # noqa: F401  (import cost outside the timing)
-
     t = time.perf_counter()
     cached = sum(p.cached for p in stack.encode(engine, cache) if p.fraction == 1.0)
     return time.perf_counter() - t, cached

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 pytest.importorskip("qtpy")
-from napari.layers import Labels  # noqa: E402
 
 from napari_sam._qt.widget import LABELS_NAME, SamLabelerWidget  # noqa: E402
 

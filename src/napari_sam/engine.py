@@ -471,7 +471,6 @@ def load_model(
         When the weights are not available; the message says what was tried and how to
         provide them.
     """
-    import torch
     from transformers import SamModel
 
     dev = resolve_device(device)
@@ -667,10 +666,15 @@ class SamEngine:
             )
         rgb = pp.to_rgb_uint8(image, mapping)
         features = yield from self.encode_steps([rgb])
+        return self.embedding_from(features, image.shape[:2], mapping)
+
+    def embedding_from(self, features, original_size, mapping: IntensityMapping) -> ImageEmbedding:
+        """Wrap encoder ``features`` (1, C, h, w) of an image of ``original_size``."""
+        size = (int(original_size[0]), int(original_size[1]))
         return ImageEmbedding(
             features=features,
-            original_size=(int(image.shape[0]), int(image.shape[1])),
-            input_size=pp.resized_shape(image.shape[:2], self.spec),
+            original_size=size,
+            input_size=pp.resized_shape(size, self.spec),
             spec=self.spec,
             mapping=mapping,
             model_id=self.model_id,

@@ -178,13 +178,5 @@ class Stack:
             if step < of:
                 yield StackProgress(done, total, pending[0][0], False, step / of)
         for j, (z, image, key) in enumerate(pending):
-            emb = ImageEmbedding(
-                features=features[j:j + 1].clone(),
-                original_size=self.slice_shape,
-                input_size=pp.resized_shape(self.slice_shape, engine.spec),
-                spec=engine.spec,
-                mapping=self.mapping,
-                model_id=engine.model_id,
-            )
-            cache.put(key, emb)
+            cache.put(key, engine.embedding_from(features[j:j + 1].clone(), self.slice_shape, self.mapping))
             yield StackProgress(done + j + 1, total, z, False)

@@ -50,6 +50,22 @@ POSITIVE, NEGATIVE = "positive", "negative"
 MAX_CACHED_EMBEDDINGS = 16  # per widget, in memory; the persistent cache is cache.py's job
 
 
+def _button(text: str, slot, *, enabled: bool = True, tooltip: str = "") -> QPushButton:
+    button = QPushButton(text)
+    button.clicked.connect(slot)
+    button.setEnabled(enabled)
+    if tooltip:
+        button.setToolTip(tooltip)
+    return button
+
+
+def _row(*widgets) -> QHBoxLayout:
+    row = QHBoxLayout()
+    for widget in widgets:
+        row.addWidget(widget)
+    return row
+
+
 class SamLabelerWidget(QWidget):
     """Click points / draw boxes → live SAM mask → commit into a Labels layer."""
 
@@ -122,15 +138,9 @@ class SamLabelerWidget(QWidget):
         dev_row.addWidget(QLabel("dtype"))
         dev_row.addWidget(self.dtype_combo)
         form.addRow("Device", dev_row)
-        embed_row = QHBoxLayout()
-        self.embed_button = QPushButton("Compute embedding")
-        self.embed_button.clicked.connect(self.compute_embedding)
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(self.cancel_embedding)
-        embed_row.addWidget(self.embed_button)
-        embed_row.addWidget(self.cancel_button)
-        form.addRow(embed_row)
+        self.embed_button = _button("Compute embedding", self.compute_embedding)
+        self.cancel_button = _button("Cancel", self.cancel_embedding, enabled=False)
+        form.addRow(_row(self.embed_button, self.cancel_button))
         layout.addWidget(setup)
 
         prompts = QGroupBox("Prompts")
@@ -163,48 +173,26 @@ class SamLabelerWidget(QWidget):
         oform.addRow("Label id", self.label_id_spin)
         self.overwrite_check = QCheckBox("Overwrite other labels")
         oform.addRow(self.overwrite_check)
-        refine_row = QHBoxLayout()
-        self.refine_button = QPushButton("Refine selected label")
-        self.refine_button.setToolTip("Use the labels layer's selected label as the prompt; add points to correct it")
-        self.refine_button.clicked.connect(self._refine_selected)
-        self.stop_refine_button = QPushButton("Stop refining")
-        self.stop_refine_button.setEnabled(False)
-        self.stop_refine_button.clicked.connect(self.stop_refining)
-        refine_row.addWidget(self.refine_button)
-        refine_row.addWidget(self.stop_refine_button)
-        oform.addRow(refine_row)
-        action_row = QHBoxLayout()
-        self.commit_button = QPushButton("Commit (Enter)")
-        self.commit_button.clicked.connect(self.commit)
-        self.clear_button = QPushButton("Clear (Esc)")
-        self.clear_button.clicked.connect(self.clear_prompts)
-        self.undo_button = QPushButton("Undo")
-        self.undo_button.clicked.connect(self.undo)
-        action_row.addWidget(self.commit_button)
-        action_row.addWidget(self.clear_button)
-        action_row.addWidget(self.undo_button)
-        oform.addRow(action_row)
+        self.refine_button = _button(
+            "Refine selected label", self._refine_selected,
+            tooltip="Use the labels layer's selected label as the prompt; add points to correct it")
+        self.stop_refine_button = _button("Stop refining", self.stop_refining, enabled=False)
+        oform.addRow(_row(self.refine_button, self.stop_refine_button))
+        self.commit_button = _button("Commit (Enter)", self.commit)
+        self.clear_button = _button("Clear (Esc)", self.clear_prompts)
+        self.undo_button = _button("Undo", self.undo)
+        oform.addRow(_row(self.commit_button, self.clear_button, self.undo_button))
         layout.addWidget(out)
 
         self.stack_box = QGroupBox("3D stack")
         sform = QFormLayout(self.stack_box)
-        range_row = QHBoxLayout()
         self.z_from = QSpinBox()
         self.z_to = QSpinBox()
-        range_row.addWidget(self.z_from)
-        range_row.addWidget(QLabel("to"))
-        range_row.addWidget(self.z_to)
-        sform.addRow("Slices", range_row)
-        stack_row = QHBoxLayout()
-        self.embed_stack_button = QPushButton("Embed stack")
-        self.embed_stack_button.setToolTip("Embed the slice range into the cache (resumable)")
-        self.embed_stack_button.clicked.connect(self.embed_stack)
-        self.stack_cancel_button = QPushButton("Cancel")
-        self.stack_cancel_button.setEnabled(False)
-        self.stack_cancel_button.clicked.connect(self.cancel_stack_work)
-        stack_row.addWidget(self.embed_stack_button)
-        stack_row.addWidget(self.stack_cancel_button)
-        sform.addRow(stack_row)
+        sform.addRow("Slices", _row(self.z_from, QLabel("to"), self.z_to))
+        self.embed_stack_button = _button(
+            "Embed stack", self.embed_stack, tooltip="Embed the slice range into the cache (resumable)")
+        self.stack_cancel_button = _button("Cancel", self.cancel_stack_work, enabled=False)
+        sform.addRow(_row(self.embed_stack_button, self.stack_cancel_button))
         self.cached_label = QLabel("cached: –")
         sform.addRow(self.cached_label)
         prop_row = QHBoxLayout()
@@ -812,12 +800,37 @@ class SamLabelerWidget(QWidget):
         self.propagate_button.setEnabled(not busy)
         self.stack_cancel_button.setEnabled(busy)
 
-    def _start_stack_worker(self, work, on_returned, desc: str) -> None:
+    def _start_stack_worker(self, layer, requested, body, on_done, desc: str) -> None:
+        """Run ``body(engine, stack)`` (a generator of (text, done, total)) in a worker.
+
+        The worker loads the model if needed and builds the Stack (one intensity mapping
+        for the volume); on success the engine and mapping are kept for later work.
+        """
+        engine, mapping = self.engine, self._mappings.get(layer.unique_id)
+        data, uid = layer.data, layer.unique_id
+
+        def work():
+            from ..volume import Stack
+
+            loaded = engine
+            if loaded is None:
+                yield ("Loading model …", 0, 1)
+                loaded = _load_engine(requested)
+            stack = Stack(data, mapping=mapping)
+            result = yield from body(loaded, stack)
+            return loaded, stack.mapping, result
+
+        def returned(value):
+            loaded, used_mapping, result = value
+            self.engine, self._engine_key = loaded, requested
+            self._mappings[uid] = used_mapping
+            on_done(result)
+
         self._stack_busy(True)
         self._stack_progress = progress(total=0, desc=desc)
         self._stack_worker = create_worker(work, _connect={
             "yielded": self._on_stack_progress,
-            "returned": on_returned,
+            "returned": returned,
             "errored": self._on_error,
             "aborted": lambda: self._set_status("Stopped; nothing was written (embedded slices stay cached)."),
             "finished": self._on_stack_finished,
@@ -870,35 +883,23 @@ class SamLabelerWidget(QWidget):
         if inputs is None:
             return
         layer, requested, (lo, hi) = inputs
-        engine, cache = self.engine, self.cache
-        mapping = self._mappings.get(layer.unique_id)
-        data, uid = layer.data, layer.unique_id
+        cache = self.cache
 
-        def work():
-            from ..volume import Stack
-
-            nonlocal engine
-            if engine is None:
-                yield ("Loading model …", 0, 1)
-                engine = _load_engine(requested)
-            stack = Stack(data, mapping=mapping)
+        def body(engine, stack):
             n = hi - lo + 1
             for step in stack.encode(engine, cache, range(lo, hi + 1)):
                 state = "cached" if step.cached else "embedded"
                 value = step.done if step.fraction == 1.0 else step.done + step.fraction
                 yield (f"Slice {step.index}: {state} ({step.done}/{n})", value, n)
-            cached = sum(cache.contains(stack.key(z, engine)) for z in range(len(stack)))
-            return engine, stack.mapping, cached, len(stack)
+            return sum(cache.contains(stack.key(z, engine)) for z in range(len(stack))), len(stack)
 
         def done(result):
-            engine_, mapping_, cached, total = result
-            self.engine, self._engine_key = engine_, requested
-            self._mappings[uid] = mapping_
+            cached, total = result
             self.cached_label.setText(f"cached: {cached}/{total} slices")
             self._set_status(f"Slices {lo}-{hi} embedded; {cached} of {total} slices are in the cache.")
             self.stack_embedded.emit((cached, total))
 
-        self._start_stack_worker(work, done, f"SAM: embedding slices {lo}-{hi}")
+        self._start_stack_worker(layer, requested, body, done, f"SAM: embedding slices {lo}-{hi}")
 
     def propagate(self) -> None:
         """Propagate the labels on this slice through the slice range (one undo step)."""
@@ -924,24 +925,16 @@ class SamLabelerWidget(QWidget):
         seed_slices = sorted({z} | {s for i in ids for s in seeds.get(i, ())})
         original = np.array(target.data)
         work_labels = original.copy()
-        engine, cache = self.engine, self.cache
-        mapping = self._mappings.get(layer.unique_id)
-        data, uid = layer.data, layer.unique_id
+        cache = self.cache
         direction = self.direction_combo.currentText()
         from ..propagate import StopRule
 
         rule = StopRule(min_iou=self.min_iou_spin.value())
         overwrite = self.overwrite_check.isChecked()
 
-        def work():
+        def body(engine, stack):
             from ..api import propagate_labels
-            from ..volume import Stack
 
-            nonlocal engine
-            if engine is None:
-                yield ("Loading model …", 0, 1)
-                engine = _load_engine(requested)
-            stack = Stack(data, mapping=mapping)
             steps = propagate_labels(
                 engine, stack, work_labels, seed_slices=seed_slices, ids=ids, cache=cache, start=z,
                 direction=direction, z_range=z_range, rule=rule, overwrite=overwrite,
@@ -952,14 +945,11 @@ class SamLabelerWidget(QWidget):
                 try:
                     step = next(steps)
                 except StopIteration as stop:
-                    return engine, stack.mapping, stop.value
+                    return stop.value
                 n += 1
                 yield (f"Propagating: slice {step.z} ({len(step.masks)} object(s))", min(n, span), span)
 
-        def done(result):
-            engine_, mapping_, summary = result
-            self.engine, self._engine_key = engine_, requested
-            self._mappings[uid] = mapping_
+        def done(summary):
             changed = np.nonzero(work_labels != original)
             if changed[0].size:
                 target.data_setitem(changed, work_labels[changed])  # one undo step
@@ -968,7 +958,7 @@ class SamLabelerWidget(QWidget):
             self._set_status(f"Propagated label(s) {', '.join(map(str, ids))} to {where}. Ctrl+Z reverts.")
             self.propagated.emit(summary)
 
-        self._start_stack_worker(work, done, f"SAM: propagating from slice {z}")
+        self._start_stack_worker(layer, requested, body, done, f"SAM: propagating from slice {z}")
 
 
 def _load_engine(requested):
