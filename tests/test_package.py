@@ -71,6 +71,7 @@ LOWER = {
     "napari_sam.cache": {"napari_sam._types", "napari_sam.engine"},
     "napari_sam.volume": {"napari_sam._types", "napari_sam.preprocess", "napari_sam.cache"},
     "napari_sam.propagate": {"napari_sam._types", "napari_sam.annotate"},
+    "napari_sam.io.dicom": {"napari_sam.preprocess"},
     "napari_sam.api": {"napari_sam._types", "napari_sam.preprocess", "napari_sam.engine", "napari_sam.annotate",
                        "napari_sam.cache", "napari_sam.volume", "napari_sam.propagate"},
 }

@@ -1,0 +1,1 @@
+"""Medical and microscopy file formats (pydicom, tifffile; nibabel/highdicom as extras)."""
