@@ -474,3 +474,36 @@ def test_propagate_without_labels_is_reported(labeler, qtbot, blob_volume):
     widget.labels_combo.setCurrentText("empty")
     widget.propagate()
     assert widget._stack_worker is None
+
+
+def test_sam_contrast_presets_and_custom_window(labeler, qtbot, tiny_engine):
+    from napari_sam.preprocess import resolve_intensity
+    from napari_sam.samples import ct_phantom
+
+    vol = ct_phantom((4, 96, 96))
+    original = vol.copy()
+    viewer, widget = labeler(vol)
+    layer = viewer.layers["img"]
+    viewer.dims.set_current_step(0, 2)
+    embed(qtbot, widget)
+    auto = widget.current_embedding()
+    assert auto.mapping.mode == "percentile"
+
+    widget.contrast_combo.setCurrentIndex(widget.contrast_combo.findData("lung"))
+    assert widget.current_embedding() is None  # another contrast: not reused
+    assert tuple(layer.contrast_limits) == (-1350.0, 150.0)
+    embed(qtbot, widget)
+    lung = widget.current_embedding()
+    assert lung.mapping == resolve_intensity(vol, preset="lung")
+    expected = tiny_engine.embed(vol[2], mapping=resolve_intensity(vol, preset="lung"))
+    np.testing.assert_allclose(lung.features.numpy(), expected.features.numpy(), atol=1e-3)
+    assert not np.allclose(lung.features.numpy(), auto.features.numpy())
+
+    widget.contrast_combo.setCurrentText("custom window")
+    assert widget.center_spin.isEnabled()
+    widget.center_spin.setValue(300.0)
+    widget.width_spin.setValue(1000.0)
+    widget._on_contrast_changed()
+    assert tuple(layer.contrast_limits) == (-200.0, 800.0)
+    assert widget._mappings[layer.unique_id].lows == (-200.0,)
+    np.testing.assert_array_equal(layer.data, original)  # stored HU never change

@@ -40,6 +40,7 @@ from .. import annotate
 from .._types import Prompt
 from ..cache import EmbeddingCache
 from ..engine import DEFAULT_MODEL, MODEL_ENV
+from ..preprocess import CT_PRESETS, resolve_intensity
 
 POINTS_NAME = "SAM points"
 BOXES_NAME = "SAM boxes"
@@ -47,6 +48,8 @@ PREVIEW_NAME = "SAM preview"
 NEW_LABELS = "(new labels layer)"
 LABELS_NAME = "SAM labels"
 POSITIVE, NEGATIVE = "positive", "negative"
+AUTO_CONTRAST = "auto: percentiles 0.5-99.5 (MR, microscopy)"
+CUSTOM_CONTRAST = "custom window"
 MAX_CACHED_EMBEDDINGS = 16  # per widget, in memory; the persistent cache is cache.py's job
 
 
@@ -138,6 +141,26 @@ class SamLabelerWidget(QWidget):
         dev_row.addWidget(QLabel("dtype"))
         dev_row.addWidget(self.dtype_combo)
         form.addRow("Device", dev_row)
+        self.contrast_combo = QComboBox()
+        self.contrast_combo.addItem(AUTO_CONTRAST)
+        for name, (center, width) in CT_PRESETS.items():
+            self.contrast_combo.addItem(f"CT {name} W{width:g}/L{center:g}", name)
+        self.contrast_combo.addItem(CUSTOM_CONTRAST)
+        self.contrast_combo.setToolTip(
+            "How intensities are mapped for SAM (and shown); stored values never change")
+        self.center_spin = QDoubleSpinBox()
+        self.width_spin = QDoubleSpinBox()
+        for spin, value in ((self.center_spin, 40.0), (self.width_spin, 400.0)):
+            spin.setRange(-1e7, 1e7)
+            spin.setDecimals(1)
+            spin.setValue(value)
+            spin.setEnabled(False)
+        self.width_spin.setMinimum(1e-3)
+        form.addRow("SAM contrast", self.contrast_combo)
+        form.addRow(_row(QLabel("center"), self.center_spin, QLabel("width"), self.width_spin))
+        self.contrast_combo.currentIndexChanged.connect(self._on_contrast_changed)
+        self.center_spin.editingFinished.connect(self._on_contrast_changed)
+        self.width_spin.editingFinished.connect(self._on_contrast_changed)
         self.embed_button = _button("Compute embedding", self.compute_embedding)
         self.cancel_button = _button("Cancel", self.cancel_embedding, enabled=False)
         form.addRow(_row(self.embed_button, self.cancel_button))
@@ -299,6 +322,8 @@ class SamLabelerWidget(QWidget):
             self.z_from.setValue(0)
             self.z_to.setValue(last)
             self.cached_label.setText("cached: press Embed stack to embed and count")
+        if self._window_choice() is not None:
+            self._on_contrast_changed()  # the chosen window applies to the new image too
         self._set_status(f"{layer.name}: add points (click) or boxes, or press Compute embedding.")
 
     # --- layers -----------------------------------------------------------------------
@@ -386,6 +411,43 @@ class SamLabelerWidget(QWidget):
     def _on_negative_toggled(self, negative: bool) -> None:
         if self._points is not None:
             self._points.feature_defaults["sign"] = NEGATIVE if negative else POSITIVE
+
+    # --- SAM contrast (windowing) -----------------------------------------------------
+
+    def _window_choice(self) -> tuple[float, float] | None:
+        """(center, width) chosen in the widget, or None for automatic percentiles."""
+        text = self.contrast_combo.currentText()
+        if text == CUSTOM_CONTRAST:
+            return self.center_spin.value(), self.width_spin.value()
+        preset = self.contrast_combo.currentData()
+        return CT_PRESETS[preset] if preset else None
+
+    def _on_contrast_changed(self, *_args) -> None:
+        """Set the SAM intensity mapping (part of the cache key) and the display contrast.
+
+        Stored intensities never change; embeddings made with another contrast are simply
+        not reused (the disk cache keeps them for when that contrast comes back).
+        """
+        custom = self.contrast_combo.currentText() == CUSTOM_CONTRAST
+        self.center_spin.setEnabled(custom)
+        self.width_spin.setEnabled(custom)
+        layer = self.image_layer
+        if layer is None:
+            return
+        window = self._window_choice()
+        uid = layer.unique_id
+        self._embeddings = OrderedDict((k, v) for k, v in self._embeddings.items() if k[0] != uid)
+        if window is None:
+            self._mappings.pop(uid, None)  # resolved from the data in the next worker
+        else:
+            preset = self.contrast_combo.currentData()
+            choice = {"preset": preset} if preset else {"window": window}
+            self._mappings[uid] = resolve_intensity(layer.data, multichannel=layer.rgb, **choice)
+            center, width = window
+            if not layer.rgb:
+                layer.contrast_limits = (center - width / 2.0, center + width / 2.0)
+        self._invalidate_preview()
+        self.request_decode()
 
     # --- coordinates ------------------------------------------------------------------
 
