@@ -1,0 +1,94 @@
+"""NIfTI images and labels with their affine (nibabel, the ``medical`` extra)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ._geometry import affine_from_layer_meta, lps_zyx_to_ras_ijk, ras_ijk_to_lps_zyx, scale_translate
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_LABEL_WORDS = ("label", "seg", "mask")
+
+
+def _nibabel():
+    try:
+        import nibabel
+    except ImportError as exc:
+        raise ImportError(
+            "NIfTI needs nibabel: pip install 'napari-sam-labeler[medical]' (or pip install nibabel)"
+        ) from exc
+    return nibabel
+
+
+def is_nifti(path) -> bool:
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def write_nifti(path, data: np.ndarray, affine_lps: np.ndarray, *, labels: bool = False) -> str:
+    """Write (Z, Y, X) ``data`` with its LPS affine as NIfTI (RAS, (X, Y, Z) order).
+
+    Labels are stored as integers with the NIfTI "label" intent. The file is written to a
+    temporary name and renamed into place.
+    """
+    nib = _nibabel()
+    data = np.asarray(data)
+    if data.ndim == 2:
+        data = data[None]
+    if data.ndim != 3:
+        raise ValueError(f"NIfTI export takes 2D or 3D data; got shape {data.shape}")
+    img = nib.Nifti1Image(np.ascontiguousarray(data.transpose(2, 1, 0)), lps_zyx_to_ras_ijk(affine_lps))
+    if labels:
+        img.header.set_intent("label")
+    img.header.set_xyzt_units("mm")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{''.join(path.suffixes)}")
+    try:
+        nib.save(img, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return str(path)
+
+
+def read_nifti(path) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Read NIfTI as ``(data (Z, Y, X), affine_lps, is_labels)``; the data stay lazy
+    (a memory map for uncompressed files)."""
+    nib = _nibabel()
+    img = nib.load(str(path))
+    data = np.asanyarray(img.dataobj)
+    if data.ndim == 2:
+        data = data[..., None]
+    if data.ndim != 3:
+        raise ValueError(f"{path}: only 2D/3D NIfTI is supported here, got shape {data.shape}")
+    intent = img.header.get_intent()[0]
+    name = Path(path).name.lower()
+    is_labels = intent == "label" or (data.dtype.kind in "iu" and any(w in name for w in _LABEL_WORDS))
+    return data.transpose(2, 1, 0), ras_ijk_to_lps_zyx(img.affine), is_labels
+
+
+def napari_get_reader(path):
+    """npe2 reader hook for .nii/.nii.gz (None for anything else)."""
+    if isinstance(path, (list, tuple)) or not is_nifti(path):
+        return None
+    return _read_layers
+
+
+def _read_layers(path):
+    data, affine, is_labels = read_nifti(path)
+    scale, translate = scale_translate(affine)
+    meta = {
+        "name": Path(path).name.split(".nii")[0],
+        "scale": scale,
+        "translate": translate,
+        "metadata": {"dicom": {"affine_lps": affine.tolist()}, "source": str(path)},
+    }
+    return [(data, meta, "labels" if is_labels else "image")]
+
+
+def napari_write_labels(path: str, data, meta: dict) -> list[str]:
+    """npe2 writer: a labels layer → NIfTI with the source geometry."""
+    return [write_nifti(path, np.asarray(data), affine_from_layer_meta(meta, np.ndim(data)), labels=True)]
