@@ -42,6 +42,12 @@ def make_slice(hu2d, position, row, col, spacing_rc, slope, intercept, series_ui
     ds.SeriesInstanceUID = series_uid
     ds.StudyInstanceUID = "1.2.3.4"
     ds.SeriesDescription = "synthetic"
+    # patient/study/equipment modules, as real series have them (DICOM-SEG export needs them)
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Phantom^Test", "P001", "", "O"
+    ds.StudyID, ds.StudyDate, ds.StudyTime, ds.AccessionNumber = "1", "20260101", "120000", ""
+    ds.ReferringPhysicianName, ds.SeriesNumber = "", 3
+    ds.FrameOfReferenceUID = "1.2.3.4.5"
+    ds.Manufacturer = "test"
     ds.InstanceNumber = instance
     ds.ImagePositionPatient = [float(v) for v in position]
     ds.ImageOrientationPatient = [float(v) for v in (*row, *col)]
@@ -244,3 +250,18 @@ def test_napari_opens_a_dicom_folder_through_the_manifest(make_napari_viewer, tm
     np.testing.assert_allclose(layer.scale, (2.5, 0.7, 0.9))
     assert layer.metadata["dicom"]["modality"] == "CT"
     assert tuple(layer.contrast_limits) == (-160.0, 240.0)
+
+
+def test_missing_decoder_message_for_each_compressed_syntax(monkeypatch):
+    """Where a decoder happens to be installed, simulate pydicom's missing-plugin error."""
+    ds = pydicom.dcmread(get_testdata_file("MR_small_jpeg_ls_lossless.dcm"))
+
+    def no_plugin(self):
+        raise RuntimeError("Unable to decompress pixel data because all plugins are missing dependencies")
+
+    monkeypatch.setattr(type(ds), "pixel_array", property(no_plugin))
+    from napari_sam.io.dicom import _pixels
+
+    with pytest.raises(ValueError, match=r"JPEG-LS.*\n?.*|pip install pylibjpeg") as info:
+        _pixels(ds, "mr.dcm")
+    assert "1.2.840.10008.1.2.4.80" in str(info.value) and "pip install pylibjpeg" in str(info.value)

@@ -75,6 +75,7 @@ LOWER = {
     "napari_sam.io._geometry": set(),
     "napari_sam.io.nifti": {"napari_sam.io._geometry"},
     "napari_sam.io.tiff": set(),
+    "napari_sam.io.seg": set(),
     "napari_sam.api": {"napari_sam._types", "napari_sam.preprocess", "napari_sam.engine", "napari_sam.annotate",
                        "napari_sam.cache", "napari_sam.volume", "napari_sam.propagate"},
 }

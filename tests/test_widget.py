@@ -200,7 +200,8 @@ def test_stack_on_chosen_slice(labeler, qtbot, blob_volume, tiny_engine):
 
 
 def test_scaled_translated_layer(labeler, qtbot, blob_image, tiny_engine):
-    viewer, widget = labeler(blob_image, scale=(2.0, 0.5), translate=(10.0, -5.0))
+    viewer, widget = labeler(blob_image, scale=(2.0, 0.5), translate=(10.0, -5.0),
+                             metadata={"dicom": {"series_uid": "1.2.3"}})
     embed(qtbot, widget)
     world = np.array([10 + 60 * 2.0, -5 + 70 * 0.5])  # the pixel (60, 70) in world units
     with qtbot.waitSignal(widget.preview_ready, timeout=TIMEOUT) as blocker:
@@ -211,6 +212,7 @@ def test_scaled_translated_layer(labeler, qtbot, blob_image, tiny_engine):
     labels = viewer.layers[LABELS_NAME]
     np.testing.assert_allclose(labels.scale, (2.0, 0.5))
     np.testing.assert_allclose(labels.translate, (10.0, -5.0))
+    assert labels.metadata["dicom"]["series_uid"] == "1.2.3"  # geometry travels to the labels
     np.testing.assert_array_equal(labels.data == 1, expected.masks[0])
 
 

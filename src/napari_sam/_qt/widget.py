@@ -764,6 +764,9 @@ class SamLabelerWidget(QWidget):
             layer = Labels(
                 np.zeros(spatial, np.uint32), name=LABELS_NAME,
                 scale=tuple(image.scale), translate=tuple(image.translate),
+                # the source geometry (DICOM affine, files) travels with the labels, so
+                # File > Save can write NIfTI or DICOM-SEG aligned with the image
+                metadata=dict(image.metadata),
             )
             # Just above the image, under the prompt and preview layers.
             self.viewer.layers.insert(self.viewer.layers.index(image) + 1, layer)
