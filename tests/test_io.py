@@ -107,3 +107,21 @@ def test_napari_saves_labels_through_the_writers(make_napari_viewer, tmp_path, o
     viewer.layers.save(str(ome), selected=True, plugin="napari-sam-labeler")
     data, axes, scale = read_tiff(ome)
     np.testing.assert_allclose(scale, vol.spacing, rtol=1e-6)
+
+
+def test_ome_tiff_reader_keeps_scale_channels_and_time(make_napari_viewer, tmp_path):
+    from napari_sam.io.tiff import napari_get_reader as tiff_reader
+
+    tczyx = np.random.default_rng(0).integers(0, 1000, (3, 2, 4, 16, 12)).astype(np.uint16)
+    path = tmp_path / "movie.ome.tif"
+    tifffile.imwrite(path, tczyx, ome=True, metadata={
+        "axes": "TCZYX", "PhysicalSizeX": 0.2, "PhysicalSizeY": 0.25, "PhysicalSizeZ": 1.5})
+    assert tiff_reader(str(tmp_path / "plain.tif")) is None
+    (data, meta, kind), = tiff_reader(str(path))(str(path))
+    assert meta["channel_axis"] == 1 and meta["scale"] == (1.0, 1.5, 0.25, 0.2)
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(path), plugin="napari-sam-labeler")
+    assert len(layers) == 2  # one layer per channel
+    assert layers[0].data.shape == (3, 4, 16, 12)  # time and Z kept
+    np.testing.assert_allclose(layers[0].scale, (1.0, 1.5, 0.25, 0.2))
+    np.testing.assert_array_equal(np.asarray(layers[1].data[2, 1]), tczyx[2, 1, 1])

@@ -66,7 +66,7 @@ LOWER = {
     "napari_sam._types": set(),
     "napari_sam.preprocess": {"napari_sam._types"},
     "napari_sam.engine": {"napari_sam._types", "napari_sam.preprocess"},
-    "napari_sam.samples": set(),
+    "napari_sam.samples": {"napari_sam.io.dicom"},
     "napari_sam.annotate": {"napari_sam._types"},
     "napari_sam.cache": {"napari_sam._types", "napari_sam.engine"},
     "napari_sam.volume": {"napari_sam._types", "napari_sam.preprocess", "napari_sam.cache"},
@@ -127,7 +127,7 @@ def test_sample_data_contributions_load():
 
     manifest = PluginManager.instance().get_manifest("napari-sam-labeler")
     keys = {s.key for s in manifest.contributions.sample_data}
-    assert keys == {"cell", "ct_phantom"}
+    assert keys == {"cell", "ct_phantom", "ct_phantom_dicom"}
     from napari_sam import samples
 
     (cell, meta, kind), = samples.cell_2d()
@@ -135,6 +135,10 @@ def test_sample_data_contributions_load():
     (vol, meta, kind), = samples.phantom_3d()
     assert vol.ndim == 3 and vol.dtype == np.int16 and vol.min() < -900 and vol.max() > 600
     assert len(meta["scale"]) == 3
+    (dvol, dmeta, kind), = samples.ct_phantom_dicom()
+    np.testing.assert_array_equal(dvol, vol)  # HU survive the DICOM round trip
+    np.testing.assert_allclose(dmeta["scale"], (2.5, 1.5, 1.5))
+    assert dmeta["contrast_limits"] == (-160.0, 240.0) and len(dmeta["metadata"]["dicom"]["files"]) == len(vol)
 
 
 def test_demo_opens_napari_with_sample_and_saves_screenshot(tmp_path, tiny_sam_dir):

@@ -53,3 +53,19 @@ def phantom_3d():
         "colormap": "gray",
     }
     return [(vol, meta, "image")]
+
+
+def ct_phantom_dicom():
+    """napari sample: the CT phantom written as a real DICOM series and read back.
+
+    The layer carries the series' geometry and files, so labels drawn on it can be saved
+    as DICOM-SEG or NIfTI. The files go to a temporary folder.
+    """
+    import tempfile
+
+    from .io.dicom import read_dicom_series, write_dicom_series
+
+    folder = tempfile.mkdtemp(prefix="napari-sam-ct-phantom-")
+    write_dicom_series(folder, ct_phantom(), spacing=(2.5, 1.5, 1.5), origin=(-96.0, -96.0, -30.0))
+    vol = read_dicom_series(folder)
+    return [(vol.data, vol.layer_metadata(), "image")]

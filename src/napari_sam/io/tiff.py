@@ -76,3 +76,26 @@ def napari_write_labels(path: str, data, meta: dict) -> list[str]:
     """npe2 writer: a labels layer → OME-TIFF with the layer's scale as physical size."""
     scale = tuple(meta.get("scale") or (1.0,) * np.ndim(data))
     return [write_ome_tiff(path, np.asarray(data), spacing_zyx=scale)]
+
+
+def napari_get_reader(path):
+    """npe2 reader hook for OME-TIFF (None for anything else): lazy, with physical scale,
+    channels split into layers and time kept as an axis."""
+    if isinstance(path, (list, tuple)) or not str(path).lower().endswith((".ome.tif", ".ome.tiff")):
+        return None
+    return _read_layers
+
+
+def _read_layers(path):
+    data, axes, scale = read_tiff(path)
+    axes = axes.upper()
+    meta = {"name": Path(path).name.split(".ome.")[0], "metadata": {"axes": axes, "source": str(path)}}
+    if "S" in axes and axes.endswith("S") and data.shape[-1] in (3, 4):
+        meta["rgb"] = True
+        scale = scale[:-1]
+    if "C" in axes:
+        c = axes.index("C")
+        meta["channel_axis"] = c
+        scale = scale[:c] + scale[c + 1:]
+    meta["scale"] = tuple(scale)
+    return [(data, meta, "image")]
