@@ -265,3 +265,17 @@ def test_missing_decoder_message_for_each_compressed_syntax(monkeypatch):
     with pytest.raises(ValueError, match=r"JPEG-LS.*\n?.*|pip install pylibjpeg") as info:
         _pixels(ds, "mr.dcm")
     assert "1.2.840.10008.1.2.4.80" in str(info.value) and "pip install pylibjpeg" in str(info.value)
+
+
+def test_corrupt_series_in_napari_is_a_clear_error_not_a_crash(make_napari_viewer, tmp_path, hu_volume):
+    write_series(tmp_path / "bad", hu_volume)
+    victim = sorted((tmp_path / "bad").iterdir())[2]
+    ds = pydicom.dcmread(victim)
+    ds.PixelData = ds.PixelData[:100]  # pixel data cut short
+    ds.save_as(victim)
+    viewer = make_napari_viewer()
+    with pytest.raises(Exception, match="cannot read pixel data") as info:
+        viewer.open(str(tmp_path / "bad"), plugin="napari-sam-labeler")
+    assert str(victim) in str(info.value) or victim.name in str(info.value.__cause__ or info.value)
+    assert len(viewer.layers) == 0
+    viewer.add_image(np.zeros((4, 4)))  # the viewer is still usable
