@@ -72,11 +72,13 @@ LOWER = {
     "napari_sam.volume": {"napari_sam._types", "napari_sam.preprocess", "napari_sam.cache"},
     "napari_sam.propagate": {"napari_sam._types", "napari_sam.annotate"},
     "napari_sam.io.dicom": {"napari_sam.preprocess"},
+    "napari_sam._fileio": set(),
     "napari_sam.io._geometry": set(),
-    "napari_sam.io.nifti": {"napari_sam.io._geometry"},
-    "napari_sam.io.tiff": set(),
-    "napari_sam.io.seg": set(),
+    "napari_sam.io.nifti": {"napari_sam.io._geometry", "napari_sam._fileio"},
+    "napari_sam.io.tiff": {"napari_sam._fileio"},
+    "napari_sam.io.seg": {"napari_sam.io._geometry", "napari_sam._fileio"},
     "napari_sam.api": {"napari_sam._types", "napari_sam.preprocess", "napari_sam.engine", "napari_sam.annotate",
+                       "napari_sam._fileio",
                        "napari_sam.cache", "napari_sam.volume", "napari_sam.propagate"},
 }
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import annotate
+from ._fileio import atomic_write
 from . import preprocess as pp
 from .cache import EmbeddingCache
 from .engine import MODEL_ENV, SamEngine, hub_cache_path, resolve_model_source
@@ -93,13 +94,8 @@ def write_labels_tiff(path: str | os.PathLike, labels: np.ndarray, *, overwrite:
         raise FileExistsError(f"{path} exists; choose another name or allow overwriting")
     if not path.parent.exists():
         raise FileNotFoundError(f"output folder does not exist: {path.parent}")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_write(path) as tmp:
         tifffile.imwrite(tmp, labels, compression="zlib", metadata={"axes": "YX" if labels.ndim == 2 else "ZYX"})
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

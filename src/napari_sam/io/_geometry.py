@@ -14,6 +14,16 @@ _FLIP_LPS_RAS = np.diag([-1.0, -1.0, 1.0])
 _REVERSE = np.eye(3)[::-1]  # (z, y, x) <-> (x, y, z)
 
 
+def as_volume(data, what: str) -> np.ndarray:
+    """``data`` as a 3D (Z, Y, X) array; a 2D image becomes one slice."""
+    data = np.asarray(data)
+    if data.ndim == 2:
+        data = data[None]
+    if data.ndim != 3:
+        raise ValueError(f"{what} takes 2D or 3D data; got shape {data.shape}")
+    return data
+
+
 def affine_from_layer_meta(meta: dict, ndim: int = 3) -> np.ndarray:
     """The LPS affine of a layer: its DICOM geometry if any, else scale/translate."""
     dicom = (meta.get("metadata") or {}).get("dicom") or {}

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-from ._geometry import affine_from_layer_meta, lps_zyx_to_ras_ijk, ras_ijk_to_lps_zyx, scale_translate
+from .._fileio import atomic_write
+from ._geometry import affine_from_layer_meta, as_volume, lps_zyx_to_ras_ijk, ras_ijk_to_lps_zyx, scale_translate
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _LABEL_WORDS = ("label", "seg", "mask")
@@ -34,23 +34,13 @@ def write_nifti(path, data: np.ndarray, affine_lps: np.ndarray, *, labels: bool 
     temporary name and renamed into place.
     """
     nib = _nibabel()
-    data = np.asarray(data)
-    if data.ndim == 2:
-        data = data[None]
-    if data.ndim != 3:
-        raise ValueError(f"NIfTI export takes 2D or 3D data; got shape {data.shape}")
+    data = as_volume(data, "NIfTI export")
     img = nib.Nifti1Image(np.ascontiguousarray(data.transpose(2, 1, 0)), lps_zyx_to_ras_ijk(affine_lps))
     if labels:
         img.header.set_intent("label")
     img.header.set_xyzt_units("mm")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{''.join(path.suffixes)}")
-    try:
+    with atomic_write(path, suffix="".join(Path(path).suffixes)) as tmp:  # nibabel reads the suffix
         nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return str(path)
 
 

@@ -8,11 +8,12 @@ tracking ID so that reading the file back restores the same ids on the same slic
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
+
+from .._fileio import atomic_write
+from ._geometry import as_volume
 
 _TRACKING_PREFIX = "napari-sam-labeler label "
 
@@ -52,11 +53,7 @@ def write_dicom_seg(
     hd = _highdicom()
     from .._version import __version__
 
-    labels = np.asarray(labels)
-    if labels.ndim == 2:
-        labels = labels[None]
-    if labels.ndim != 3:
-        raise ValueError(f"DICOM-SEG export takes a 2D or 3D labels array; got shape {labels.shape}")
+    labels = as_volume(labels, "DICOM-SEG export")
     files = list(source_files)
     if len(files) != labels.shape[0]:
         raise ValueError(
@@ -93,14 +90,8 @@ def write_dicom_seg(
         seg = _segmentation(hd, sources, label_map, descriptions, series_description, __version__)
     except AttributeError as exc:
         raise ValueError(f"the source series lacks a DICOM attribute DICOM-SEG needs: {exc}") from exc
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_write(path) as tmp:
         seg.save_as(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return str(path)
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from .._fileio import atomic_write
 
 
 def write_ome_tiff(path, data, *, spacing_zyx=(1.0, 1.0, 1.0), axes: str | None = None, unit: str = "µm") -> str:
@@ -22,15 +23,9 @@ def write_ome_tiff(path, data, *, spacing_zyx=(1.0, 1.0, 1.0), axes: str | None 
                 "PhysicalSizeYUnit": unit}
     if "Z" in axes:
         metadata.update(PhysicalSizeZ=dz, PhysicalSizeZUnit=unit)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.ome.tif")
-    try:
+    with atomic_write(path, suffix=".ome.tif") as tmp:
         tifffile.imwrite(tmp, data, ome=True, metadata=metadata, compression="zlib",
                          photometric="minisblack")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return str(path)
 
 
