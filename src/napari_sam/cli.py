@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="start napari with the SAM Labeler and a sample image")
     demo.add_argument("--model", help="model for the session (default as for `info`)")
-    demo.add_argument("--sample", default="cell", choices=["cell", "ct_phantom"], help="sample to open")
+    demo.add_argument("--sample", default="cell", choices=["cell", "ct_phantom", "ct_phantom_dicom"],
+                      help="sample to open (the DICOM one carries series geometry for DICOM-SEG export)")
     demo.add_argument("--screenshot", metavar="PNG", help="save a screenshot of the window and quit (for docs/tests)")
     return parser
 
