@@ -509,3 +509,18 @@ def test_sam_contrast_presets_and_custom_window(labeler, qtbot, tiny_engine):
     assert tuple(layer.contrast_limits) == (-200.0, 800.0)
     assert widget._mappings[layer.unique_id].lows == (-200.0,)
     np.testing.assert_array_equal(layer.data, original)  # stored HU never change
+
+
+def test_ct_from_dicom_starts_with_its_window(make_napari_viewer, qtbot, tmp_path):
+    from napari_sam.io.dicom import read_dicom_series, write_dicom_series
+    from napari_sam.samples import ct_phantom
+
+    write_dicom_series(tmp_path / "ct", ct_phantom((3, 64, 64)))
+    vol = read_dicom_series(tmp_path / "ct")
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(vol.data, **vol.layer_metadata())
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-sam-labeler")
+    assert widget.contrast_combo.currentText() == "custom window"
+    assert (widget.center_spin.value(), widget.width_spin.value()) == (40.0, 400.0)
+    mapping = widget._mappings[layer.unique_id]
+    assert mapping.mode == "window" and (mapping.lows, mapping.highs) == ((-160.0,), (240.0,))

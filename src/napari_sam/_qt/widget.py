@@ -322,7 +322,15 @@ class SamLabelerWidget(QWidget):
             self.z_from.setValue(0)
             self.z_to.setValue(last)
             self.cached_label.setText("cached: press Embed stack to embed and count")
-        if self._window_choice() is not None:
+        dicom = (layer.metadata or {}).get("dicom") or {}
+        if self._window_choice() is None and str(dicom.get("modality", "")).upper() == "CT" and not layer.rgb:
+            # CT from DICOM: give SAM the window the reader chose (WindowCenter/Width or the
+            # abdomen preset), i.e. what the radiologist sees, rather than percentiles.
+            low, high = (float(v) for v in layer.contrast_limits)
+            self.center_spin.setValue((low + high) / 2.0)
+            self.width_spin.setValue(max(high - low, 1e-3))
+            self.contrast_combo.setCurrentText(CUSTOM_CONTRAST)  # applies it
+        elif self._window_choice() is not None:
             self._on_contrast_changed()  # the chosen window applies to the new image too
         self._set_status(f"{layer.name}: add points (click) or boxes, or press Compute embedding.")
 
