@@ -154,7 +154,7 @@ class Stack:
         for z in order:
             image = self[z]
             key = slice_key(image, model_key, self.mapping)
-            if cache.contains(key) and cache.get(key, engine) is not None:
+            if cache.get(key, engine) is not None:
                 done += 1
                 yield StackProgress(done, total, z, True)
                 continue

@@ -507,6 +507,14 @@ class SamLabelerWidget(QWidget):
         self._engine_key = self._requested_engine_key()
         self._embeddings.clear()
 
+    def _requested_engine(self):
+        """The (model, device, dtype) chosen now; a loaded engine for another choice is dropped."""
+        requested = self._requested_engine_key()
+        if self.engine is not None and requested != self._engine_key:
+            self.engine = None
+            self._embeddings.clear()
+        return requested
+
     def _requested_engine_key(self):
         return (self.model_edit.text().strip(), self.device_combo.currentText(), self.dtype_combo.currentText())
 
@@ -538,10 +546,7 @@ class SamLabelerWidget(QWidget):
             return  # already running; its result arrives by signal
         self._ensure_prompt_layers(layer)
         z = self.current_slice(layer)
-        requested = self._requested_engine_key()
-        if self.engine is not None and requested != self._engine_key:
-            self.engine = None
-            self._embeddings.clear()
+        requested = self._requested_engine()
         cached = self.current_embedding()
         if cached is not None:
             self.embedding_ready.emit(cached)
@@ -940,10 +945,7 @@ class SamLabelerWidget(QWidget):
         if self._stack_worker is not None or self._embed_worker is not None:
             show_info("SAM Labeler: wait for the running task (or cancel it).")
             return None
-        requested = self._requested_engine_key()
-        if self.engine is not None and requested != self._engine_key:
-            self.engine = None
-            self._embeddings.clear()
+        requested = self._requested_engine()
         lo, hi = self.z_from.value(), self.z_to.value()
         if lo > hi:
             show_warning(f"SAM Labeler: slice range {lo} to {hi} is empty.")
