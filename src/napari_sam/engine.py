@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from . import preprocess as pp
+from ._modelstack import guard_triton
 from ._types import (
     ImageEmbedding,
     IntensityMapping,
@@ -66,6 +67,7 @@ def _how_to_get_weights(model: str) -> str:
 
 def resolve_device(device: str | Any = "auto"):
     """``"auto"`` → CUDA, else MPS, else CPU; explicit names are checked for availability."""
+    guard_triton()
     import torch
 
     if isinstance(device, torch.device):
@@ -365,6 +367,7 @@ def _set_sdpa(config) -> None:
 
 def load_meta_checkpoint(path: str | os.PathLike, config=None):
     """Load a Meta-format SAM checkpoint (``weights_only=True``) into a ``SamModel``."""
+    guard_triton()
     import torch
     from transformers import SamModel
 
@@ -471,6 +474,7 @@ def load_model(
         When the weights are not available; the message says what was tried and how to
         provide them.
     """
+    guard_triton()  # before the first torch/transformers import in a GL process
     from transformers import SamModel
 
     dev = resolve_device(device)
