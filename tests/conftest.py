@@ -8,6 +8,8 @@ import re
 import numpy as np
 import pytest
 
+from napari_sam._modelstack import guard_triton
+
 # Tests never reach the network, and the user's own model choice must not leak in.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -28,6 +30,7 @@ def tiny_sam_config(image_size: int = TINY_IMAGE_SIZE):
     The decoder keeps Meta's 8 heads so a Meta-format export of it loads without an
     explicit config; initializer_range 0.02 avoids degenerate random embeddings.
     """
+    guard_triton()  # a viewer may already be up in this process (see napari_sam._modelstack)
     from transformers import SamConfig
 
     vision = dict(
@@ -48,6 +51,7 @@ def tiny_sam_config(image_size: int = TINY_IMAGE_SIZE):
 
 def build_tiny_sam(directory, seed: int = 0, image_size: int = TINY_IMAGE_SIZE):
     """Save a random tiny SamModel + matching SamProcessor with ``save_pretrained``."""
+    guard_triton()
     import torch
     from transformers import SamImageProcessor, SamModel, SamProcessor
 

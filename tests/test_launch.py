@@ -9,7 +9,6 @@ These tests run tests/launch_as_user.py in a subprocess with the dependencies us
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import platform
@@ -18,11 +17,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_modelstack import triton_installed
 
 pytest.importorskip("qtpy")
 
 SCRIPT = Path(__file__).with_name("launch_as_user.py")
 CLICK = (60.0, 80.0)  # must match launch_as_user.CLICK
+
 
 
 def run_as_user(mode: str, model_dir, tmp_path, timeout: float = 400) -> tuple[dict, subprocess.CompletedProcess]:
@@ -42,7 +43,7 @@ def test_users_get_triton_in_the_test_environment():
     """CI must see what `pip install napari-sam-labeler` gives users: torch's triton."""
     if sys.platform != "linux" or platform.machine() != "x86_64":
         pytest.skip("the default torch wheel ships triton on Linux x86_64 only")
-    assert importlib.util.find_spec("triton") is not None, "install the test extra: triton is missing"
+    assert triton_installed(), "install the test extra: triton is missing"
 
 
 @pytest.mark.parametrize("mode", ["plugin", "demo"])
@@ -58,5 +59,10 @@ def test_first_click_gives_a_preview_in_a_fresh_process(mode, tiny_sam_dir, tmp_
     # and SAM answered with a preview of the sample image's size
     assert result["objects"] == 1 and result["mask_shape"][1:] == [660, 550], result
     assert result["preview_pixels"] == result["mask_pixels"], result
-    if result["llvm_before_click"] and importlib.util.find_spec("triton") is not None:
+    if mode == "demo":
+        # the image is visible beside the dock: the demo maximises and narrows the docks
+        window_w, _ = result["window_size"]
+        canvas_w, canvas_h = result["canvas_size"]
+        assert canvas_w >= 0.4 * window_w and min(canvas_w, canvas_h) >= 400, result
+    if result["llvm_before_click"] and triton_installed():
         assert result["triton_in_process"] == "hidden", result

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes.util
 import glob
-import importlib.util
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -13,7 +13,18 @@ import pytest
 
 from napari_sam._modelstack import foreign_llvm
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def triton_installed() -> bool:
+    """Installed, whether or not this process has hidden it (find_spec says no once hidden)."""
+    try:
+        importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+HAS_TRITON = triton_installed()
 
 
 def run_py(code: str, **env) -> subprocess.CompletedProcess:

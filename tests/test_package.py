@@ -64,8 +64,9 @@ def _imports(path: Path) -> set[str]:
 # Layering (STYLE.md): _qt, cli, serve -> api -> engine/cache/propagate -> preprocess/_types.
 LOWER = {
     "napari_sam._types": set(),
+    "napari_sam._modelstack": set(),
     "napari_sam.preprocess": {"napari_sam._types"},
-    "napari_sam.engine": {"napari_sam._types", "napari_sam.preprocess"},
+    "napari_sam.engine": {"napari_sam._types", "napari_sam.preprocess", "napari_sam._modelstack"},
     "napari_sam.samples": {"napari_sam.io.dicom"},
     "napari_sam.annotate": {"napari_sam._types"},
     "napari_sam.cache": {"napari_sam._types", "napari_sam.engine"},

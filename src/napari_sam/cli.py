@@ -303,7 +303,12 @@ def cmd_info(args) -> int:
 
 def cmd_demo(args) -> int:
     from . import api
+    from ._qt.display import display_problem
 
+    # Qt aborts the process (no exception) when it cannot open a window: ask first.
+    problem = display_problem()
+    if problem:
+        raise UserError(f"demo: {problem}")
     status = api.model_status(args.model)
     if not status.available:
         print(f"napari-sam: model {status.requested} is not available here: {status.detail}", file=sys.stderr)

@@ -23,10 +23,13 @@ def run_demo(sample: str = "cell", model=None, status=None, screenshot: str | No
 
     viewer = napari.Viewer(title="napari-sam-labeler demo")
     viewer.open_sample(PLUGIN, sample)
+    docks = []
     for name in _plugin_widgets():
-        _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+        dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+        docks.append((dock, widget))
         if model is not None and hasattr(widget, "model_edit"):
             widget.model_edit.setText(str(model))
+    fit_window(viewer, docks)
     if status is not None:
         if status.available:
             show_info(f"SAM model: {status.requested} ({status.detail})")
@@ -35,13 +38,31 @@ def run_demo(sample: str = "cell", model=None, status=None, screenshot: str | No
             show_warning(f"SAM model {status.requested} is not available: {first} "
                          "See the terminal or `napari-sam info` for how to provide weights.")
     if screenshot:
-        from qtpy.QtWidgets import QApplication
-
-        viewer.window._qt_window.resize(1400, 900)
-        for _ in range(5):
-            QApplication.processEvents()
         viewer.screenshot(screenshot, canvas_only=False)
         viewer.close()
         return 0
     napari.run()
     return 0
+
+
+def fit_window(viewer, docks) -> None:
+    """Maximise the window and give the docks their minimum width, so the image gets the rest.
+
+    At napari's default window size (about 2/3 of the screen) the layer controls and this
+    dock leave the canvas a sliver; the demo is about seeing the image, so it takes the
+    screen and the canvas everything the docks do not need.
+    """
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QApplication
+
+    window = viewer.window._qt_window
+    screen = window.screen()
+    if screen is not None:
+        window.setGeometry(screen.availableGeometry())  # for window managers that ignore maximise
+    window.showMaximized()
+    QApplication.processEvents()
+    if docks:
+        window.resizeDocks([d for d, _ in docks], [w.minimumSizeHint().width() + 16 for _, w in docks],
+                           Qt.Orientation.Horizontal)
+    QApplication.processEvents()
+    viewer.reset_view()

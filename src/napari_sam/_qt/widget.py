@@ -19,18 +19,20 @@ from napari.layers import Image, Labels, Points, Shapes
 from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import Signal
+from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
+    QFrame,
     QGroupBox,
     QHBoxLayout,
     QLabel,
     QLineEdit,
     QPushButton,
+    QScrollArea,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -53,13 +55,30 @@ CUSTOM_CONTRAST = "custom window"
 MAX_CACHED_EMBEDDINGS = 16  # per widget, in memory; the persistent cache is cache.py's job
 
 
+def _fit_width(button: QPushButton) -> None:
+    """Let a button shrink to its text: napari's style sheet gives every button a wide minimum."""
+    button.setMinimumWidth(button.fontMetrics().horizontalAdvance(button.text()) + 24)
+
+
 def _button(text: str, slot, *, enabled: bool = True, tooltip: str = "") -> QPushButton:
     button = QPushButton(text)
+    _fit_width(button)
     button.clicked.connect(slot)
     button.setEnabled(enabled)
     if tooltip:
         button.setToolTip(tooltip)
     return button
+
+
+def _combo(items=(), *, tooltip: str = "") -> QComboBox:
+    """A combo box that does not widen the dock to its longest entry (full text in the popup)."""
+    combo = QComboBox()
+    combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    combo.setMinimumContentsLength(6)
+    combo.addItems(list(items))
+    if tooltip:
+        combo.setToolTip(tooltip)
+    return combo
 
 
 def _row(*widgets) -> QHBoxLayout:
@@ -116,11 +135,21 @@ class SamLabelerWidget(QWidget):
     # --- UI ---------------------------------------------------------------------------
 
     def _build_ui(self) -> None:
-        layout = QVBoxLayout(self)
+        # The controls scroll when the screen is shorter than they are, rather than
+        # pushing napari's window past the bottom of the screen.
+        content = QWidget()
+        layout = QVBoxLayout(content)
+        self._scroll = QScrollArea()
+        self._scroll.setWidgetResizable(True)
+        self._scroll.setFrameShape(QFrame.Shape.NoFrame)
+        self._scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(self._scroll)
 
         setup = QGroupBox("Image and model")
         form = QFormLayout(setup)
-        self.image_combo = QComboBox()
+        self.image_combo = _combo()
         form.addRow("Image", self.image_combo)
         model_row = QHBoxLayout()
         self.model_edit = QLineEdit(os.environ.get(MODEL_ENV) or DEFAULT_MODEL)
@@ -132,16 +161,12 @@ class SamLabelerWidget(QWidget):
         model_row.addWidget(self.model_edit)
         model_row.addWidget(browse)
         form.addRow("Model", model_row)
-        self.device_combo = QComboBox()
-        self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
-        self.dtype_combo = QComboBox()
-        self.dtype_combo.addItems(["auto", "fp32", "bf16", "fp16"])
-        dev_row = QHBoxLayout()
-        dev_row.addWidget(self.device_combo)
-        dev_row.addWidget(QLabel("dtype"))
-        dev_row.addWidget(self.dtype_combo)
-        form.addRow("Device", dev_row)
-        self.contrast_combo = QComboBox()
+        self.device_combo = _combo(["auto", "cpu", "cuda", "mps"])
+        self.dtype_combo = _combo(["auto", "fp32", "bf16", "fp16"])
+        form.addRow("Device", self.device_combo)
+        form.addRow("dtype", self.dtype_combo)
+        self.dtype_combo.setToolTip("Precision: auto is bf16 on CUDA that supports it, else fp32")
+        self.contrast_combo = _combo()
         self.contrast_combo.addItem(AUTO_CONTRAST)
         for name, (center, width) in CT_PRESETS.items():
             self.contrast_combo.addItem(f"CT {name} W{width:g}/L{center:g}", name)
@@ -157,7 +182,8 @@ class SamLabelerWidget(QWidget):
             spin.setEnabled(False)
         self.width_spin.setMinimum(1e-3)
         form.addRow("SAM contrast", self.contrast_combo)
-        form.addRow(_row(QLabel("center"), self.center_spin, QLabel("width"), self.width_spin))
+        form.addRow("  center", self.center_spin)
+        form.addRow("  width", self.width_spin)
         self.contrast_combo.currentIndexChanged.connect(self._on_contrast_changed)
         self.center_spin.editingFinished.connect(self._on_contrast_changed)
         self.width_spin.editingFinished.connect(self._on_contrast_changed)
@@ -168,16 +194,18 @@ class SamLabelerWidget(QWidget):
 
         prompts = QGroupBox("Prompts")
         pform = QFormLayout(prompts)
-        self.negative_check = QCheckBox("Negative points (or Ctrl-click)")
+        self.negative_check = QCheckBox("Negative points (Ctrl-click)")
         self.negative_check.toggled.connect(self._on_negative_toggled)
         pform.addRow(self.negative_check)
-        self.multimask_check = QCheckBox("Multimask: choose among 3 candidates (keys 1/2/3)")
+        self.multimask_check = QCheckBox("Multimask (keys 1/2/3)")
+        self.multimask_check.setToolTip("SAM returns 3 candidate masks; choose one with the buttons or keys 1/2/3")
         self.multimask_check.toggled.connect(self._on_multimask_toggled)
         pform.addRow(self.multimask_check)
         cand_row = QHBoxLayout()
         self.candidate_buttons = []
         for i in range(3):
             button = QPushButton(f"{i + 1}")
+            _fit_width(button)
             button.setCheckable(True)
             button.setEnabled(False)
             button.clicked.connect(partial(self.choose_candidate, i))
@@ -188,7 +216,7 @@ class SamLabelerWidget(QWidget):
 
         out = QGroupBox("Labels")
         oform = QFormLayout(out)
-        self.labels_combo = QComboBox()
+        self.labels_combo = _combo()
         oform.addRow("Layer", self.labels_combo)
         self.label_id_spin = QSpinBox()
         self.label_id_spin.setRange(0, 2**31 - 1)
@@ -197,9 +225,10 @@ class SamLabelerWidget(QWidget):
         self.overwrite_check = QCheckBox("Overwrite other labels")
         oform.addRow(self.overwrite_check)
         self.refine_button = _button(
-            "Refine selected label", self._refine_selected,
+            "Refine selected", self._refine_selected,
             tooltip="Use the labels layer's selected label as the prompt; add points to correct it")
         self.stop_refine_button = _button("Stop refining", self.stop_refining, enabled=False)
+        self.stop_refine_button.setToolTip("Leave refine mode without changing the label")
         oform.addRow(_row(self.refine_button, self.stop_refine_button))
         self.commit_button = _button("Commit (Enter)", self.commit)
         self.clear_button = _button("Clear (Esc)", self.clear_prompts)
@@ -211,38 +240,47 @@ class SamLabelerWidget(QWidget):
         sform = QFormLayout(self.stack_box)
         self.z_from = QSpinBox()
         self.z_to = QSpinBox()
-        sform.addRow("Slices", _row(self.z_from, QLabel("to"), self.z_to))
+        sform.addRow("From slice", self.z_from)
+        sform.addRow("to slice", self.z_to)
         self.embed_stack_button = _button(
             "Embed stack", self.embed_stack, tooltip="Embed the slice range into the cache (resumable)")
         self.stack_cancel_button = _button("Cancel", self.cancel_stack_work, enabled=False)
         sform.addRow(_row(self.embed_stack_button, self.stack_cancel_button))
         self.cached_label = QLabel("cached: –")
+        self.cached_label.setWordWrap(True)
         sform.addRow(self.cached_label)
-        prop_row = QHBoxLayout()
-        self.direction_combo = QComboBox()
-        self.direction_combo.addItems(["both", "up", "down"])
+        self.direction_combo = _combo(["both", "up", "down"])
         self.direction_combo.setToolTip("'up' is increasing slice index")
         self.min_iou_spin = QDoubleSpinBox()
         self.min_iou_spin.setRange(0.0, 1.0)
         self.min_iou_spin.setSingleStep(0.05)
         self.min_iou_spin.setValue(0.5)
         self.min_iou_spin.setToolTip("Stop an object when SAM's predicted IoU falls below this")
-        prop_row.addWidget(self.direction_combo)
-        prop_row.addWidget(QLabel("min IoU"))
-        prop_row.addWidget(self.min_iou_spin)
-        sform.addRow("Direction", prop_row)
+        sform.addRow("Direction", self.direction_combo)
+        sform.addRow("min IoU", self.min_iou_spin)
         self.selected_only_check = QCheckBox("Only the selected label")
         sform.addRow(self.selected_only_check)
         self.propagate_button = QPushButton("Propagate from this slice")
+        _fit_width(self.propagate_button)
         self.propagate_button.clicked.connect(self.propagate)
         sform.addRow(self.propagate_button)
         self.stack_box.setEnabled(False)
+        self.stack_box.setVisible(False)  # shown for 3D layers only: keeps the dock short for 2D
         layout.addWidget(self.stack_box)
 
         self.status = QLabel("Choose an image, then add points or boxes.")
         self.status.setWordWrap(True)
         layout.addWidget(self.status)
         layout.addStretch(1)
+        self._scroll.setWidget(content)
+        self._fit_scroll_width()
+
+    def _fit_scroll_width(self) -> None:
+        """As wide as the controls plus a vertical scroll bar: never a horizontal scroll bar."""
+        content = self._scroll.widget()
+        content.adjustSize()
+        self._scroll.setMinimumWidth(
+            content.minimumSizeHint().width() + self._scroll.verticalScrollBar().sizeHint().width())
 
     def _browse_model(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "SAM checkpoint", "", "Checkpoints (*.pth *.pt *.ckpt *.bin)")
@@ -315,6 +353,8 @@ class SamLabelerWidget(QWidget):
         self._ensure_prompt_layers(layer)
         is_stack = layer.ndim == 3
         self.stack_box.setEnabled(is_stack)
+        self.stack_box.setVisible(is_stack)
+        self._fit_scroll_width()
         if is_stack:
             last = int(layer.data.shape[0]) - 1
             for spin in (self.z_from, self.z_to):
