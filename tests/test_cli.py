@@ -102,6 +102,8 @@ def test_info_reports_versions_device_and_model(tiny_sam_dir):
     assert "torch " in res.stdout and "device (auto): cpu" in res.stdout
     assert "facebook/sam-vit-large (from default)" in res.stdout
     assert "NOT AVAILABLE" in res.stdout and "huggingface-cli download" in res.stdout
+    triton = next(line for line in res.stdout.splitlines() if line.startswith("triton: "))
+    assert "not needed" in triton  # installed or not, and the rule for napari when installed
     res = run_cli("info", env_extra={"NAPARI_SAM_MODEL": str(tiny_sam_dir)})
     assert f"{tiny_sam_dir} (from $NAPARI_SAM_MODEL)" in res.stdout
     assert "available: save_pretrained folder" in res.stdout

@@ -291,6 +291,7 @@ def cmd_info(args) -> int:
         print(f"transformers {transformers.__version__}")
     except ImportError as exc:
         print(f"transformers: not importable ({exc})")
+    print(f"triton: {_triton_line()}")
     status = api.model_status(args.model)
     print(f"model: {status.requested} (from {status.origin})")
     state = "available" if status.available else "NOT AVAILABLE"
@@ -299,6 +300,21 @@ def cmd_info(args) -> int:
     for line in lines[1:]:
         print(f"  {line}")
     return 0
+
+
+def _triton_line() -> str:
+    """What `info` says about triton: installed or not, and the GL-process rule (issue 9)."""
+    from importlib import metadata
+
+    from ._modelstack import TRITON_ENV
+
+    try:
+        version = metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        return "not installed (not needed)"
+    choice = os.environ.get(TRITON_ENV, "auto")
+    return (f"{version} installed, not needed; hidden from napari where OpenGL's LLVM is loaded "
+            f"({TRITON_ENV}={choice})")
 
 
 def cmd_demo(args) -> int:
