@@ -66,7 +66,9 @@ LOWER = {
     "napari_sam._types": set(),
     "napari_sam._modelstack": set(),
     "napari_sam.preprocess": {"napari_sam._types"},
-    "napari_sam.engine": {"napari_sam._types", "napari_sam.preprocess", "napari_sam._modelstack"},
+    "napari_sam.checkpoints": {"napari_sam._types", "napari_sam._modelstack"},
+    "napari_sam.engine": {"napari_sam._types", "napari_sam.preprocess", "napari_sam._modelstack",
+                          "napari_sam.checkpoints"},
     "napari_sam.samples": {"napari_sam.io.dicom"},
     "napari_sam.annotate": {"napari_sam._types"},
     "napari_sam.cache": {"napari_sam._types", "napari_sam.engine"},
@@ -79,6 +81,7 @@ LOWER = {
     "napari_sam.io.tiff": {"napari_sam._fileio"},
     "napari_sam.io.seg": {"napari_sam.io._geometry", "napari_sam._fileio"},
     "napari_sam.api": {"napari_sam._types", "napari_sam.preprocess", "napari_sam.engine", "napari_sam.annotate",
+                       "napari_sam.checkpoints",
                        "napari_sam._fileio",
                        "napari_sam.cache", "napari_sam.volume", "napari_sam.propagate"},
 }

@@ -20,9 +20,9 @@ from ._version import __version__
 _LAZY = {
     "load_model": "engine",
     "SamEngine": "engine",
-    "ModelNotFoundError": "engine",
-    "DEFAULT_MODEL": "engine",
-    "resolve_model_source": "engine",
+    "ModelNotFoundError": "checkpoints",
+    "DEFAULT_MODEL": "checkpoints",
+    "resolve_model_source": "checkpoints",
     "ImageEmbedding": "_types",
     "Prediction": "_types",
     "Prompt": "_types",
@@ -37,7 +37,8 @@ __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._types import ImageEmbedding, IntensityMapping, ModelInputSpec, Prediction, Prompt
-    from .engine import DEFAULT_MODEL, ModelNotFoundError, SamEngine, load_model, resolve_model_source
+    from .checkpoints import DEFAULT_MODEL, ModelNotFoundError, resolve_model_source
+    from .engine import SamEngine, load_model
     from .preprocess import CT_PRESETS, resolve_intensity, to_rgb_uint8
 
 

@@ -17,7 +17,8 @@ from . import annotate
 from ._fileio import atomic_write
 from . import preprocess as pp
 from .cache import EmbeddingCache
-from .engine import MODEL_ENV, SamEngine, hub_cache_path, resolve_model_source
+from .checkpoints import MODEL_ENV, hub_cache_path, resolve_model_source
+from .engine import SamEngine
 from .propagate import StopRule, propagate, seeds_from_labels
 from .volume import Stack
 
@@ -185,7 +186,7 @@ class ModelStatus:
 
 def model_status(model: str | os.PathLike | None = None) -> ModelStatus:
     """Resolve ``model`` (or the configured default) without loading any weights."""
-    from .engine import DEFAULT_MODEL, ModelNotFoundError, _how_to_get_weights
+    from .checkpoints import DEFAULT_MODEL, ModelNotFoundError, how_to_get_weights
 
     if model is not None:
         origin = "argument"
@@ -204,7 +205,7 @@ def model_status(model: str | os.PathLike | None = None) -> ModelStatus:
             return ModelStatus(
                 requested, origin, source.kind, None, False,
                 "not in the local Hugging Face cache (it would be downloaded on first use "
-                "where the Hub is reachable).\n" + _how_to_get_weights(source.location),
+                "where the Hub is reachable).\n" + how_to_get_weights(source.location),
             )
         return ModelStatus(requested, origin, source.kind, cached, True, f"cached at {cached}")
     kind = "save_pretrained folder" if source.kind == "hf_dir" else "Meta-format checkpoint"

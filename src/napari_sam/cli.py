@@ -339,7 +339,7 @@ COMMANDS = {"segment": cmd_segment, "embed": cmd_embed, "cache": cmd_cache, "inf
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .engine import ModelNotFoundError
+    from .checkpoints import ModelNotFoundError
 
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits 2 on usage errors

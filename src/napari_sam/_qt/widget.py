@@ -41,7 +41,7 @@ from qtpy.QtWidgets import (
 from .. import annotate
 from .._types import Prompt
 from ..cache import EmbeddingCache
-from ..engine import DEFAULT_MODEL, MODEL_ENV
+from ..checkpoints import DEFAULT_MODEL, MODEL_ENV
 from ..preprocess import CT_PRESETS, resolve_intensity
 
 POINTS_NAME = "SAM points"
