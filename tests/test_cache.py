@@ -14,6 +14,7 @@ import pytest
 
 from napari_sam import preprocess as pp
 from napari_sam.cache import EmbeddingCache, default_cache_dir, engine_cache_key, slice_key
+from napari_sam.volume import embed_cached
 
 
 def iou(a, b):
@@ -28,13 +29,13 @@ def chunk_files(directory: Path):
 def test_round_trip_memory_and_disk(tiny_engine, blob_image, tmp_path):
     mapping = pp.resolve_intensity(blob_image)
     cache = EmbeddingCache(tmp_path)
-    first = cache.embed(tiny_engine, blob_image, mapping=mapping)
+    first = embed_cached(tiny_engine, blob_image, mapping=mapping, cache=cache)
     assert cache.misses == 1 and cache.stats().entries == 1
-    again = cache.embed(tiny_engine, blob_image, mapping=mapping)
+    again = embed_cached(tiny_engine, blob_image, mapping=mapping, cache=cache)
     assert again is first and cache.hits == 1  # memory hit
 
     reopened = EmbeddingCache(tmp_path)  # a new session: disk hit
-    disk = reopened.embed(tiny_engine, blob_image, mapping=mapping)
+    disk = embed_cached(tiny_engine, blob_image, mapping=mapping, cache=reopened)
     assert reopened.hits == 1 and reopened.misses == 0
     assert disk.original_size == first.original_size and disk.input_size == first.input_size
     assert disk.mapping == mapping and disk.spec == tiny_engine.spec and disk.model_id == first.model_id
@@ -46,7 +47,7 @@ def test_float16_storage_decodes_like_float32(tiny_engine, blob_image, tmp_path)
     fp32 = tiny_engine.embed(blob_image, mapping=mapping)
     cache = EmbeddingCache(tmp_path)
     cache.put(slice_key(blob_image, engine_cache_key(tiny_engine), mapping), fp32)
-    stored = EmbeddingCache(tmp_path).embed(tiny_engine, blob_image, mapping=mapping)
+    stored = embed_cached(tiny_engine, blob_image, mapping=mapping, cache=EmbeddingCache(tmp_path))
     assert not np.array_equal(stored.features.numpy(), fp32.features.numpy())  # really rounded
     for prompt in ({"points": [[60, 70]]}, {"box": (30, 30, 90, 110)}, {"points": [[120, 170]], "multimask": True}):
         a = tiny_engine.predict(fp32, **prompt)
@@ -81,7 +82,7 @@ def test_keys_follow_content_contrast_and_model(tiny_engine, blob_image, tmp_pat
 @pytest.mark.parametrize("damage", ["flip", "truncate", "drop_chunk", "bad_json"])
 def test_corrupt_entries_are_detected_recomputed_never_served(tiny_engine, blob_image, tmp_path, damage):
     mapping = pp.resolve_intensity(blob_image)
-    good = EmbeddingCache(tmp_path).embed(tiny_engine, blob_image, mapping=mapping)
+    good = embed_cached(tiny_engine, blob_image, mapping=mapping, cache=EmbeddingCache(tmp_path))
     (chunk,) = chunk_files(tmp_path)
     if damage == "flip":
         data = bytearray(chunk.read_bytes())
@@ -97,7 +98,7 @@ def test_corrupt_entries_are_detected_recomputed_never_served(tiny_engine, blob_
     key = slice_key(blob_image, engine_cache_key(tiny_engine), mapping)
     assert cache.get(key, tiny_engine) is None
     assert cache.corrupt == 1 and cache.stats().entries == 0  # removed, not served
-    again = cache.embed(tiny_engine, blob_image, mapping=mapping)  # recomputed
+    again = embed_cached(tiny_engine, blob_image, mapping=mapping, cache=cache)  # recomputed
     np.testing.assert_allclose(again.features.numpy(), good.features.numpy(), atol=1e-6)
     assert EmbeddingCache(tmp_path).get(key, tiny_engine) is not None  # the new entry is sound
 
@@ -148,18 +149,18 @@ def test_disk_cap_evicts_least_recently_used(tiny_engine, tmp_path):
     mapping = pp.resolve_intensity(images[0])
     keys = [slice_key(img, engine_cache_key(tiny_engine), mapping) for img in images]
     probe = EmbeddingCache(tmp_path / "probe")
-    probe.embed(tiny_engine, images[0], mapping=mapping)
+    embed_cached(tiny_engine, images[0], mapping=mapping, cache=probe)
     entry = probe.stats().bytes
     root = tmp_path / "capped"
     cache = EmbeddingCache(root, disk_bytes=int(3.5 * entry))
     for img in images[:3]:
         time.sleep(0.02)
-        cache.embed(tiny_engine, img, mapping=mapping)
+        embed_cached(tiny_engine, img, mapping=mapping, cache=cache)
     time.sleep(0.02)
     assert EmbeddingCache(root).get(keys[0], tiny_engine) is not None  # reading makes it recent
     for img in images[3:]:
         time.sleep(0.02)
-        cache.embed(tiny_engine, img, mapping=mapping)
+        embed_cached(tiny_engine, img, mapping=mapping, cache=cache)
     on_disk = {p.name.removesuffix(".zarr") for p in root.glob("??/*.zarr")}
     assert on_disk == {keys[0], keys[3], keys[4]}  # 1 and 2 were least recently used
     assert cache.stats().bytes <= 3.5 * entry
@@ -173,13 +174,13 @@ def test_memory_budget(tiny_engine, tmp_path):
     size = one.features.numel() * one.features.element_size()
     cache = EmbeddingCache(False, memory_bytes=2 * size)  # memory only
     for img in images:
-        cache.embed(tiny_engine, img, mapping=mapping)
+        embed_cached(tiny_engine, img, mapping=mapping, cache=cache)
     assert len(cache._memory) == 2 and cache._memory_used <= 2 * size
     assert cache.stats().entries == 0
 
 
 def test_no_pickle_on_disk(tiny_engine, blob_image, tmp_path):
-    EmbeddingCache(tmp_path).embed(tiny_engine, blob_image, mapping=pp.resolve_intensity(blob_image))
+    embed_cached(tiny_engine, blob_image, mapping=pp.resolve_intensity(blob_image), cache=EmbeddingCache(tmp_path))
     for path in tmp_path.rglob("*"):
         if path.is_file():
             head = path.read_bytes()[:2]
@@ -196,7 +197,7 @@ def test_default_directory_and_env(monkeypatch, tmp_path):
 
 def test_clear(tiny_engine, blob_image, tmp_path):
     cache = EmbeddingCache(tmp_path)
-    cache.embed(tiny_engine, blob_image, mapping=pp.resolve_intensity(blob_image))
+    embed_cached(tiny_engine, blob_image, mapping=pp.resolve_intensity(blob_image), cache=cache)
     assert cache.clear() == 1
     assert cache.stats().entries == 0 and not list(tmp_path.glob("??/*.zarr"))
     assert not (tmp_path / ".tmp").exists()

@@ -71,8 +71,8 @@ LOWER = {
                           "napari_sam.checkpoints"},
     "napari_sam.samples": {"napari_sam.io.dicom"},
     "napari_sam.annotate": {"napari_sam._types"},
-    "napari_sam.cache": {"napari_sam._types", "napari_sam.engine"},
-    "napari_sam.volume": {"napari_sam._types", "napari_sam.preprocess", "napari_sam.cache"},
+    "napari_sam.cache": {"napari_sam._types"},  # stores and returns embeddings, never runs the model
+    "napari_sam.volume": {"napari_sam._types", "napari_sam.preprocess", "napari_sam.cache", "napari_sam.engine"},
     "napari_sam.propagate": {"napari_sam._types", "napari_sam.annotate"},
     "napari_sam.io.dicom": {"napari_sam.preprocess"},
     "napari_sam._fileio": set(),

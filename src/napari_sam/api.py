@@ -20,7 +20,7 @@ from .cache import EmbeddingCache
 from .checkpoints import MODEL_ENV, hub_cache_path, resolve_model_source
 from .engine import SamEngine
 from .propagate import StopRule, propagate, seeds_from_labels
-from .volume import Stack
+from .volume import Stack, embed_cached, embed_cached_steps  # noqa: F401  (public: the widget embeds through these)
 
 
 @dataclass
@@ -154,7 +154,7 @@ def segment_2d(
         embedding = engine.embed(image, **intensity)
     else:
         image = pp.check_image_2d(image)
-        embedding = cache.embed(engine, image, mapping=pp.resolve_intensity(image, **intensity))
+        embedding = embed_cached(engine, image, mapping=pp.resolve_intensity(image, **intensity), cache=cache)
     return _segment_embedding(engine, embedding, prompts, multimask)
 
 

@@ -150,22 +150,6 @@ class EmbeddingCache:
         """Whether ``key`` is present (memory or disk), without verifying or loading it."""
         return key in self._memory or (self.directory is not None and self._path(key).exists())
 
-    def embed(self, engine, image, *, mapping: IntensityMapping) -> ImageEmbedding:
-        """``engine.embed(image, mapping=mapping)`` through the cache."""
-        from .engine import drain
-
-        return drain(self.embed_steps(engine, image, mapping=mapping))
-
-    def embed_steps(self, engine, image, *, mapping: IntensityMapping):
-        """Like :meth:`SamEngine.embed_steps`, served from the cache when present."""
-        image = np.asarray(image)
-        key = slice_key(image, engine_cache_key(engine), mapping)
-        emb = self.get(key, engine)
-        if emb is None:
-            emb = yield from engine.embed_steps(image, mapping=mapping)
-            self.put(key, emb)
-        return emb
-
     # --- disk -------------------------------------------------------------------------
 
     def _write(self, key: str, embedding: ImageEmbedding) -> None:

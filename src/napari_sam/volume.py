@@ -17,6 +17,28 @@ import numpy as np
 from . import preprocess as pp
 from ._types import ImageEmbedding, IntensityMapping
 from .cache import EmbeddingCache, engine_cache_key, slice_key
+from .engine import drain
+
+
+def embed_cached_steps(engine, image, *, mapping: IntensityMapping, cache: EmbeddingCache):
+    """:meth:`SamEngine.embed_steps` through ``cache``: the one place the two meet.
+
+    A generator: yields the encoder's ``(done, total)`` progress when the embedding has to
+    be computed (nothing when the cache has it) and returns the :class:`ImageEmbedding`,
+    which is stored in the cache after computing. The cache itself only stores.
+    """
+    image = np.asarray(image)
+    key = slice_key(image, engine_cache_key(engine), mapping)
+    emb = cache.get(key, engine)
+    if emb is None:
+        emb = yield from engine.embed_steps(image, mapping=mapping)
+        cache.put(key, emb)
+    return emb
+
+
+def embed_cached(engine, image, *, mapping: IntensityMapping, cache: EmbeddingCache) -> ImageEmbedding:
+    """``engine.embed(image, mapping=mapping)`` served from ``cache`` when present (see above)."""
+    return drain(embed_cached_steps(engine, image, mapping=mapping, cache=cache))
 
 
 @dataclass
@@ -119,7 +141,7 @@ class Stack:
         image = self[z]
         if cache is None:
             return engine.embed(image, mapping=self.mapping)
-        return cache.embed(engine, image, mapping=self.mapping)
+        return embed_cached(engine, image, mapping=self.mapping, cache=cache)
 
     def encode(
         self,

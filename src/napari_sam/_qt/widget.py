@@ -612,7 +612,9 @@ class SamLabelerWidget(QWidget):
                 # A volume gets one mapping over all slices: same contrast on every slice.
                 mapping = resolve_intensity(data, multichannel=rgb)
             image = np.asarray(data if z is None else data[z])
-            steps = cache.embed_steps(engine, image, mapping=mapping)
+            from ..api import embed_cached_steps
+
+            steps = embed_cached_steps(engine, image, mapping=mapping, cache=cache)
             while True:
                 try:
                     done, total = next(steps)
