@@ -49,6 +49,26 @@ def test_unreachable_display_is_not_blamed_on_libraries():
     assert "missing" not in msg
 
 
+def test_unknown_library_gets_no_wrong_package():
+    msg = explain("libwayland-cursor.so.0: cannot open shared object file: No such file\n", -6)
+    assert "missing libwayland-cursor.so.0" in msg and "sudo apt-get install" not in msg
+    assert msg.count(ALL_PACKAGES) == 1
+
+
+def test_unknown_or_uppercase_platform_is_probed_not_aborted():
+    for platform in ("bogus", "XCB"):
+        env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+        env["QT_QPA_PLATFORM"] = platform
+        res = run_demo(env)
+        assert res.returncode == 2, (platform, res.returncode, res.stderr[-2000:])
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_bad_triton_setting_fails_at_start():
+    res = run_demo({**os.environ, "NAPARI_SAM_TRITON": "garbage"})
+    assert res.returncode == 2 and "NAPARI_SAM_TRITON='garbage'" in res.stderr
+
+
 def test_unknown_failure_still_says_what_to_do():
     msg = explain("qt.qpa.plugin: something new went wrong\n", -6)
     assert "something new went wrong" in msg and ALL_PACKAGES in msg and "notebook" in msg

@@ -60,6 +60,14 @@ def foreign_llvm(maps_path: str = "/proc/self/maps") -> list[str]:
     return sorted(found)
 
 
+def triton_setting() -> str:
+    """``$NAPARI_SAM_TRITON`` checked: ``auto`` (default), ``block`` or ``allow``; else ValueError."""
+    choice = os.environ.get(TRITON_ENV, "auto").strip().lower() or "auto"
+    if choice not in _CHOICES:
+        raise ValueError(f"{TRITON_ENV}={choice!r} is not one of {', '.join(_CHOICES)}")
+    return choice
+
+
 def guard_triton() -> str:
     """Decide, once per process, whether triton may be imported; call before torch/transformers.
 
@@ -72,9 +80,7 @@ def guard_triton() -> str:
         When ``NAPARI_SAM_TRITON`` is not one of ``auto``, ``block``, ``allow``.
     """
     global decision
-    choice = os.environ.get(TRITON_ENV, "auto").strip().lower() or "auto"
-    if choice not in _CHOICES:
-        raise ValueError(f"{TRITON_ENV}={choice!r} is not one of {', '.join(_CHOICES)}")
+    choice = triton_setting()
     if "triton" in sys.modules:
         decision = "blocked" if sys.modules["triton"] is None else "imported"
         return decision

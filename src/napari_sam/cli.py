@@ -321,6 +321,9 @@ def cmd_demo(args) -> int:
     from . import api
     from ._qt.display import display_problem
 
+    from ._modelstack import triton_setting
+
+    triton_setting()  # a bad NAPARI_SAM_TRITON fails here, not at the first click
     # Qt aborts the process (no exception) when it cannot open a window: ask first.
     problem = display_problem()
     if problem:

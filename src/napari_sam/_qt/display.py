@@ -61,7 +61,7 @@ def _needs_display() -> bool:
     """Linux/BSD Qt draws through X11 or Wayland; macOS and Windows always have a screen."""
     if sys.platform.startswith(("win", "darwin")):
         return False
-    platform = os.environ.get("QT_QPA_PLATFORM", "").split(":")[0].split(";")[0].strip()
+    platform = os.environ.get("QT_QPA_PLATFORM", "").split(":")[0].split(";")[0].strip().lower()
     return platform in ("", "xcb", "wayland", "wayland-egl")
 
 
@@ -73,11 +73,10 @@ def explain(output: str, returncode: int | None) -> str:
     if "xcb-cursor0 or libxcb-cursor0 is needed" in output and not connect and not missing:
         missing.append("libxcb-cursor.so.0")
     if missing:
-        packages = " ".join(dict.fromkeys(DEBIAN_PACKAGES.get(lib, "?") for lib in missing))
-        if "?" in packages.split():
-            packages = ALL_PACKAGES
+        known = [DEBIAN_PACKAGES[lib] for lib in missing if lib in DEBIAN_PACKAGES]
+        install = f"sudo apt-get install {' '.join(dict.fromkeys(known))} " if known else ""
         return (f"Qt cannot open a window: missing {', '.join(missing)}. On Debian/Ubuntu: "
-                f"sudo apt-get install {packages} (all napari needs: {ALL_PACKAGES}); {ALTERNATIVES}")
+                f"{install}(all napari needs: {ALL_PACKAGES}); {ALTERNATIVES}")
     if connect:
         where = connect.group(1) or os.environ.get("DISPLAY", "")
         return (f"cannot connect to the X display {where!r} (DISPLAY): is the X server running, and is "
@@ -86,16 +85,19 @@ def explain(output: str, returncode: int | None) -> str:
     if returncode is None:
         return f"Qt did not start within the time limit (display {os.environ.get('DISPLAY', '')!r}); {ALTERNATIVES}"
     last = [ln.strip() for ln in output.splitlines() if ln.strip()]
-    detail = next((ln for ln in last if "qt.qpa" in ln or "Error" in ln), last[0] if last else "no output")
+    detail = next((ln for ln in last if "qt.qpa" in ln or "Error" in ln or "platform plugin" in ln),
+                  last[0] if last else "no output")
+    if os.environ.get("QT_QPA_PLATFORM"):
+        detail += f" (QT_QPA_PLATFORM={os.environ['QT_QPA_PLATFORM']!r}: unset it to let Qt choose)"
     return (f"Qt cannot open a window (exit code {returncode}): {detail}. The Qt libraries napari needs on "
             f"Debian/Ubuntu: sudo apt-get install {ALL_PACKAGES}; {ALTERNATIVES}")
 
 
 def display_problem(timeout: float = 60.0) -> str | None:
     """``None`` when napari can open a window here, else one line saying what is missing."""
-    if not _needs_display():
+    if sys.platform.startswith(("win", "darwin")):
         return None
-    if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
+    if _needs_display() and not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
         return ("no display to open napari's window on (neither DISPLAY nor WAYLAND_DISPLAY is set). "
                 "On a desktop, run it from the desktop's terminal; over SSH use `ssh -X`; on a server run "
                 f"`xvfb-run -a napari-sam demo` (apt-get install xvfb); {ALTERNATIVES}")
