@@ -84,7 +84,7 @@ def step(viewer) -> None:
     report["canvas_size"] = [canvas.width(), canvas.height()]
     report["zoom"] = viewer.camera.zoom
     click_canvas(viewer, *CLICK)
-    report["points_after_click"] = widget._points.data.tolist() if widget._points is not None else None
+    report["points_after_click"] = widget.state.points.data.tolist() if widget.state.points is not None else None
     start = time.monotonic()
     while "preds" not in got and time.monotonic() - start < TIMEOUT_S:
         app.processEvents()
@@ -99,7 +99,7 @@ def step(viewer) -> None:
     preds = got["preds"]
     report["objects"] = len(preds)
     report["mask_shape"] = list(preds[0].masks.shape)
-    report["preview_pixels"] = int((widget._preview.data > 0).sum())
+    report["preview_pixels"] = int((widget.state.preview.data > 0).sum())
     report["mask_pixels"] = int(preds[0].masks[0].sum())
     report["status"] = widget.status.text()
     finish(0)

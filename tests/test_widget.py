@@ -29,9 +29,9 @@ def labeler(make_napari_viewer, tiny_sam_dir, qtbot):
         # Through the manifest, as users get it: napari passes the widget a proxy viewer.
         _dock, widget = viewer.window.add_plugin_dock_widget("napari-sam-labeler")
         assert isinstance(widget, SamLabelerWidget)
-        widget.model_edit.setText(str(tiny_sam_dir))
-        widget.device_combo.setCurrentText("cpu")
-        widget.dtype_combo.setCurrentText("fp32")
+        widget.model.model_edit.setText(str(tiny_sam_dir))
+        widget.model.device_combo.setCurrentText("cpu")
+        widget.model.dtype_combo.setCurrentText("fp32")
         return viewer, widget
 
     yield make
@@ -40,12 +40,12 @@ def labeler(make_napari_viewer, tiny_sam_dir, qtbot):
 def embed(qtbot, widget):
     with qtbot.waitSignal(widget.embedding_ready, timeout=TIMEOUT):
         widget.compute_embedding()
-    qtbot.waitUntil(lambda: widget._embed_worker is None, timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: widget.state.embed_worker is None, timeout=TIMEOUT)
 
 
 def add_point(qtbot, widget, coords):
     with qtbot.waitSignal(widget.preview_ready, timeout=TIMEOUT) as blocker:
-        widget._points.add(np.asarray(coords, float))
+        widget.state.points.add(np.asarray(coords, float))
     return blocker.args[0]
 
 
@@ -61,7 +61,7 @@ def test_points_preview_commit_equals_engine(labeler, qtbot, blob_image, tiny_en
     preds = add_point(qtbot, widget, [60, 70])
     expected = tiny_engine.predict(tiny_engine.embed(blob_image), points=[[60, 70]], point_labels=[1])
     np.testing.assert_array_equal(preds[0].masks, expected.masks)
-    np.testing.assert_array_equal(widget._preview.data > 0, expected.masks[0])
+    np.testing.assert_array_equal(widget.state.preview.data > 0, expected.masks[0])
     with qtbot.waitSignal(widget.committed, timeout=TIMEOUT):
         widget.commit()
     labels = viewer.layers[LABELS_NAME]
@@ -69,14 +69,14 @@ def test_points_preview_commit_equals_engine(labeler, qtbot, blob_image, tiny_en
     np.testing.assert_array_equal(labels.data == 1, expected.masks[0])
     assert set(np.unique(labels.data)) == {0, 1}
     # committing clears prompts and preview
-    assert len(widget._points.data) == 0 and not widget._preview.data.any()
+    assert len(widget.state.points.data) == 0 and not widget.state.preview.data.any()
 
 
 def test_box_prompt(labeler, qtbot, blob_image, tiny_engine):
     viewer, widget = labeler(blob_image)
     embed(qtbot, widget)
     with qtbot.waitSignal(widget.preview_ready, timeout=TIMEOUT) as blocker:
-        widget._boxes.add_rectangles(np.array([[30.0, 30.0], [90.0, 110.0]]))
+        widget.state.boxes.add_rectangles(np.array([[30.0, 30.0], [90.0, 110.0]]))
     expected = tiny_engine.predict(tiny_engine.embed(blob_image), box=(30, 30, 90, 110))
     np.testing.assert_array_equal(blocker.args[0][0].masks, expected.masks)
 
@@ -85,16 +85,16 @@ def test_negative_point_changes_mask(labeler, qtbot, blob_image, tiny_engine):
     viewer, widget = labeler(blob_image)
     embed(qtbot, widget)
     first = add_point(qtbot, widget, [60, 70])
-    widget.negative_check.setChecked(True)
+    widget.prompts.negative_check.setChecked(True)
     second = add_point(qtbot, widget, [70, 90])
-    assert list(widget._points.features["sign"].astype(str)) == ["positive", "negative"]
+    assert list(widget.state.points.features["sign"].astype(str)) == ["positive", "negative"]
     expected = tiny_engine.predict(
         tiny_engine.embed(blob_image), points=[[60, 70], [70, 90]], point_labels=[1, 0]
     )
     np.testing.assert_array_equal(second[0].masks, expected.masks)
     assert not np.array_equal(first[0].masks, second[0].masks)
     # the negative point is drawn in another colour
-    colors = widget._points.face_color
+    colors = widget.state.points.face_color
     assert not np.allclose(colors[0], colors[1])
 
 
@@ -103,7 +103,7 @@ def test_existing_labels_kept_and_undo_restores_exactly(labeler, qtbot, blob_ima
     original = np.zeros(blob_image.shape, np.uint32)
     original[50:70, 60:80] = 5  # someone's earlier work, under the new object
     viewer.add_labels(original.copy(), name="mine")
-    widget.labels_combo.setCurrentText("mine")
+    widget.state.labels_combo.setCurrentText("mine")
     embed(qtbot, widget)
     preds = add_point(qtbot, widget, [60, 70])
     mask = preds[0].masks[0]
@@ -129,9 +129,9 @@ def test_overwrite_and_chosen_label_id(labeler, qtbot, blob_image):
     original = np.zeros(blob_image.shape, np.uint32)
     original[50:70, 60:80] = 5
     viewer.add_labels(original.copy(), name="mine")
-    widget.labels_combo.setCurrentText("mine")
-    widget.overwrite_check.setChecked(True)
-    widget.label_id_spin.setValue(42)
+    widget.state.labels_combo.setCurrentText("mine")
+    widget.labels.overwrite_check.setChecked(True)
+    widget.labels.label_id_spin.setValue(42)
     embed(qtbot, widget)
     preds = add_point(qtbot, widget, [60, 70])
     widget.commit()
@@ -141,16 +141,16 @@ def test_overwrite_and_chosen_label_id(labeler, qtbot, blob_image):
 
 def test_multimask_candidates_and_choice(labeler, qtbot, blob_image):
     viewer, widget = labeler(blob_image)
-    widget.multimask_check.setChecked(True)
+    widget.prompts.multimask_check.setChecked(True)
     embed(qtbot, widget)
     preds = add_point(qtbot, widget, [60, 70])
     assert preds[0].masks.shape[0] == 3
-    texts = [b.text() for b in widget.candidate_buttons]
-    assert all("IoU" in t for t in texts) and all(b.isEnabled() for b in widget.candidate_buttons)
-    assert widget.candidate_buttons[preds[0].best].isChecked()
+    texts = [b.text() for b in widget.prompts.candidate_buttons]
+    assert all("IoU" in t for t in texts) and all(b.isEnabled() for b in widget.prompts.candidate_buttons)
+    assert widget.prompts.candidate_buttons[preds[0].best].isChecked()
     widget.choose_candidate(2)
-    assert widget.candidate_buttons[2].isChecked()
-    np.testing.assert_array_equal(widget._preview.data > 0, preds[0].masks[2])
+    assert widget.prompts.candidate_buttons[2].isChecked()
+    np.testing.assert_array_equal(widget.state.preview.data > 0, preds[0].masks[2])
     widget.commit()
     np.testing.assert_array_equal(viewer.layers[LABELS_NAME].data == 1, preds[0].masks[2])
 
@@ -161,7 +161,7 @@ def test_refine_replaces_only_that_label(labeler, qtbot, blob_image):
     start[40:80, 40:100] = 1  # rough label to refine
     start[120:140, 160:180] = 2  # another label, must stay
     viewer.add_labels(start.copy(), name="mine")
-    widget.labels_combo.setCurrentText("mine")
+    widget.state.labels_combo.setCurrentText("mine")
     embed(qtbot, widget)
     with qtbot.waitSignal(widget.preview_ready, timeout=TIMEOUT) as blocker:
         widget.refine_label(1)
@@ -195,8 +195,8 @@ def test_stack_on_chosen_slice(labeler, qtbot, blob_volume, tiny_engine):
     # a point on another slice embeds that slice on demand
     viewer.dims.set_current_step(0, 1)
     with qtbot.waitSignal(widget.preview_ready, timeout=TIMEOUT):
-        widget._points.add(np.array([1.0, 60, 70]))
-    assert widget._preview_slice == 1
+        widget.state.points.add(np.array([1.0, 60, 70]))
+    assert widget.state.preview_slice == 1
 
 
 def test_scaled_translated_layer(labeler, qtbot, blob_image, tiny_engine):
@@ -205,7 +205,7 @@ def test_scaled_translated_layer(labeler, qtbot, blob_image, tiny_engine):
     embed(qtbot, widget)
     world = np.array([10 + 60 * 2.0, -5 + 70 * 0.5])  # the pixel (60, 70) in world units
     with qtbot.waitSignal(widget.preview_ready, timeout=TIMEOUT) as blocker:
-        widget._points.add(widget._points.world_to_data(world))
+        widget.state.points.add(widget.state.points.world_to_data(world))
     expected = tiny_engine.predict(tiny_engine.embed(blob_image), points=[[60, 70]])
     np.testing.assert_array_equal(blocker.args[0][0].masks, expected.masks)
     widget.commit()
@@ -236,13 +236,13 @@ def test_cancel_during_encoding(labeler, qtbot, blob_image, tiny_engine):
     viewer, widget = labeler(blob_image)
     widget.set_engine(SlowEngine(tiny_engine))
     widget.compute_embedding()
-    assert widget.cancel_button.isEnabled() and not widget.embed_button.isEnabled()
+    assert widget.model.cancel_button.isEnabled() and not widget.model.embed_button.isEnabled()
     qtbot.wait(200)
     with qtbot.waitSignal(widget.embedding_cancelled, timeout=TIMEOUT):
         widget.cancel_embedding()
-    qtbot.waitUntil(lambda: widget._embed_worker is None, timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: widget.state.embed_worker is None, timeout=TIMEOUT)
     assert widget.current_embedding() is None
-    assert widget.embed_button.isEnabled() and not widget.cancel_button.isEnabled()
+    assert widget.model.embed_button.isEnabled() and not widget.model.cancel_button.isEnabled()
     assert "cancelled" in widget.status.text().lower()
 
 
@@ -268,12 +268,12 @@ def test_event_loop_keeps_running_while_encoding(labeler, qtbot, blob_image, tin
 
 def test_missing_weights_reported_and_widget_stays_usable(labeler, qtbot, blob_image, tiny_sam_dir):
     viewer, widget = labeler(blob_image)
-    widget.model_edit.setText("/no/such/sam_vit_l.pth")
+    widget.model.model_edit.setText("/no/such/sam_vit_l.pth")
     widget.compute_embedding()
-    qtbot.waitUntil(lambda: widget._embed_worker is None, timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: widget.state.embed_worker is None, timeout=TIMEOUT)
     assert "Error" in widget.status.text() and "sam_vit_l.pth" in widget.status.text()
-    assert widget.embed_button.isEnabled()
-    widget.model_edit.setText(str(tiny_sam_dir))
+    assert widget.model.embed_button.isEnabled()
+    widget.model.model_edit.setText(str(tiny_sam_dir))
     embed(qtbot, widget)
     assert widget.current_embedding() is not None
 
@@ -284,7 +284,7 @@ def test_unsupported_layer_is_reported(make_napari_viewer):
     widget = SamLabelerWidget(viewer)
     assert "2D images and 3D stacks" in widget.status.text()
     widget.compute_embedding()  # a notification, no exception
-    assert widget._embed_worker is None
+    assert widget.state.embed_worker is None
 
 
 def test_screenshot_with_committed_label(labeler, qtbot, tmp_path):
@@ -294,11 +294,11 @@ def test_screenshot_with_committed_label(labeler, qtbot, tmp_path):
     viewer, widget = labeler(cell)
     embed(qtbot, widget)
     with qtbot.waitSignal(widget.preview_ready, timeout=TIMEOUT):
-        widget._boxes.add_rectangles(np.array([[250.0, 300.0], [520.0, 540.0]]))
+        widget.state.boxes.add_rectangles(np.array([[250.0, 300.0], [520.0, 540.0]]))
     widget.commit()
     assert viewer.layers[LABELS_NAME].data.any()
     with qtbot.waitSignal(widget.preview_ready, timeout=TIMEOUT):
-        widget._points.add(np.array([200.0, 150.0]))
+        widget.state.points.add(np.array([200.0, 150.0]))
     viewer.window._qt_window.resize(1400, 900)
     qtbot.wait(200)
     out = os.environ.get("NAPARI_SAM_SCREENSHOT") or str(tmp_path / "labeler.png")
@@ -318,8 +318,8 @@ def test_new_labels_layer_sits_under_prompts_and_points_stay_active(labeler, qtb
     widget.commit()
     names = [layer.name for layer in viewer.layers]
     assert names.index(LABELS_NAME) == names.index("img") + 1
-    assert viewer.layers.selection.active is widget._points
-    assert widget._points.mode == "add"
+    assert viewer.layers.selection.active is widget.state.points
+    assert widget.state.points.mode == "add"
 
 
 def _click(layer, position, modifiers=()):
@@ -351,25 +351,25 @@ def test_ctrl_click_adds_a_negative_point(labeler, qtbot, blob_image):
     viewer, widget = labeler(blob_image)
     embed(qtbot, widget)
     with qtbot.waitSignal(widget.preview_ready, timeout=TIMEOUT):
-        _click(widget._points, (60, 70))
+        _click(widget.state.points, (60, 70))
     with qtbot.waitSignal(widget.preview_ready, timeout=TIMEOUT):
-        _click(widget._points, (70, 90), modifiers=["Control"])
+        _click(widget.state.points, (70, 90), modifiers=["Control"])
     with qtbot.waitSignal(widget.preview_ready, timeout=TIMEOUT):
-        _click(widget._points, (50, 60))
-    assert list(widget._points.features["sign"].astype(str)) == ["positive", "negative", "positive"]
+        _click(widget.state.points, (50, 60))
+    assert list(widget.state.points.features["sign"].astype(str)) == ["positive", "negative", "positive"]
 
 
 def test_keys_enter_and_1_2_3(labeler, qtbot, blob_image):
     viewer, widget = labeler(blob_image)
-    widget.multimask_check.setChecked(True)
+    widget.prompts.multimask_check.setChecked(True)
     embed(qtbot, widget)
     preds = add_point(qtbot, widget, [60, 70])
     def press(key):  # what pressing ``key`` with the points layer active runs
-        binding = next(v for k, v in widget._points.keymap.items() if str(k) == key)
-        binding(widget._points)
+        binding = next(v for k, v in widget.state.points.keymap.items() if str(k) == key)
+        binding(widget.state.points)
 
     press("2")
-    assert widget.candidate_buttons[1].isChecked()
+    assert widget.prompts.candidate_buttons[1].isChecked()
     press("Enter")
     np.testing.assert_array_equal(viewer.layers[LABELS_NAME].data == 1, preds[0].masks[1])
     press("Ctrl+Z")  # undo the commit while still prompting
@@ -378,18 +378,18 @@ def test_keys_enter_and_1_2_3(labeler, qtbot, blob_image):
     np.testing.assert_array_equal(viewer.layers[LABELS_NAME].data == 1, preds[0].masks[1])
     add_point(qtbot, widget, [60, 70])
     press("Escape")
-    assert len(widget._points.data) == 0 and not widget._preview.data.any()
+    assert len(widget.state.points.data) == 0 and not widget.state.preview.data.any()
 
 
 def test_stale_decode_results_are_dropped(labeler, qtbot, blob_image):
     viewer, widget = labeler(blob_image)
     embed(qtbot, widget)
     preds = add_point(qtbot, widget, [60, 70])
-    shown = widget._preview.data.copy()
+    shown = widget.state.preview.data.copy()
     fake = [type(preds[0])(masks=~preds[0].masks, scores=preds[0].scores, logits=preds[0].logits)]
     with qtbot.assertNotEmitted(widget.preview_ready):
-        widget._on_decoded(widget._decode_seq - 1, None, [], fake)  # an older request
-    np.testing.assert_array_equal(widget._preview.data, shown)
+        widget.prompts._on_decoded(widget.state.decode_seq - 1, None, [], fake)  # an older request
+    np.testing.assert_array_equal(widget.state.preview.data, shown)
 
 
 def test_rgb_image(labeler, qtbot, blob_image, tiny_engine):
@@ -406,21 +406,21 @@ def test_rgb_image(labeler, qtbot, blob_image, tiny_engine):
 
 def test_embed_stack_fills_the_cache_and_serves_slices(labeler, qtbot, blob_volume):
     viewer, widget = labeler(blob_volume)
-    assert widget.stack_box.isEnabled() and widget.z_to.value() == 4
-    widget.z_from.setValue(1)
-    widget.z_to.setValue(3)
+    assert widget.stack.isEnabled() and widget.stack.z_to.value() == 4
+    widget.stack.z_from.setValue(1)
+    widget.stack.z_to.setValue(3)
     with qtbot.waitSignal(widget.stack_embedded, timeout=TIMEOUT) as blocker:
         widget.embed_stack()
     assert blocker.args[0] == (3, 5)
-    assert widget.cached_label.text() == "cached: 3/5 slices"
-    qtbot.waitUntil(lambda: widget._stack_worker is None, timeout=TIMEOUT)
+    assert widget.stack.cached_label.text() == "cached: 3/5 slices"
+    qtbot.waitUntil(lambda: widget.state.stack_worker is None, timeout=TIMEOUT)
     assert widget.cache.stats().entries == 3
     hits = widget.cache.hits
     viewer.dims.set_current_step(0, 2)
     embed(qtbot, widget)  # slice 2 comes from the cache, not the encoder
     assert widget.cache.hits == hits + 1
-    widget.z_from.setValue(0)
-    widget.z_to.setValue(4)
+    widget.stack.z_from.setValue(0)
+    widget.stack.z_to.setValue(4)
     with qtbot.waitSignal(widget.stack_embedded, timeout=TIMEOUT) as blocker:
         widget.embed_stack()
     assert blocker.args[0] == (5, 5)
@@ -440,9 +440,9 @@ def test_cancel_embed_stack(labeler, qtbot, blob_volume, tiny_engine):
     widget.embed_stack()
     qtbot.wait(300)
     widget.cancel_stack_work()
-    qtbot.waitUntil(lambda: widget._stack_worker is None, timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: widget.state.stack_worker is None, timeout=TIMEOUT)
     assert widget.cache.stats().entries < 5
-    assert "Stopped" in widget.status.text() and widget.embed_stack_button.isEnabled()
+    assert "Stopped" in widget.status.text() and widget.stack.embed_stack_button.isEnabled()
 
 
 def test_propagate_through_the_stack_with_one_undo(labeler, qtbot, blob_volume, monkeypatch):
@@ -453,12 +453,12 @@ def test_propagate_through_the_stack_with_one_undo(labeler, qtbot, blob_volume, 
     viewer.dims.set_current_step(0, 2)
     embed(qtbot, widget)
     with qtbot.waitSignal(widget.preview_ready, timeout=TIMEOUT):
-        widget._boxes.add_rectangles(np.array([[2, 30.0, 30], [2, 30, 110], [2, 90, 110], [2, 90, 30]]))
+        widget.state.boxes.add_rectangles(np.array([[2, 30.0, 30], [2, 30, 110], [2, 90, 110], [2, 90, 30]]))
     widget.commit()
     labels = viewer.layers[LABELS_NAME]
     labels.data[0, :5, :5] = 9  # another label that must survive
     before = labels.data.copy()
-    assert widget._seed_slices[labels.unique_id] == {1: {2}}
+    assert widget.state.seed_slices[labels.unique_id] == {1: {2}}
     with qtbot.waitSignal(widget.propagated, timeout=TIMEOUT) as blocker:
         widget.propagate()
     summary = blocker.args[0]
@@ -473,9 +473,9 @@ def test_propagate_through_the_stack_with_one_undo(labeler, qtbot, blob_volume, 
 def test_propagate_without_labels_is_reported(labeler, qtbot, blob_volume):
     viewer, widget = labeler(blob_volume)
     viewer.add_labels(np.zeros(blob_volume.shape, np.uint8), name="empty")
-    widget.labels_combo.setCurrentText("empty")
+    widget.state.labels_combo.setCurrentText("empty")
     widget.propagate()
-    assert widget._stack_worker is None
+    assert widget.state.stack_worker is None
 
 
 def test_sam_contrast_presets_and_custom_window(labeler, qtbot, tiny_engine):
@@ -491,7 +491,7 @@ def test_sam_contrast_presets_and_custom_window(labeler, qtbot, tiny_engine):
     auto = widget.current_embedding()
     assert auto.mapping.mode == "percentile"
 
-    widget.contrast_combo.setCurrentIndex(widget.contrast_combo.findData("lung"))
+    widget.model.contrast_combo.setCurrentIndex(widget.model.contrast_combo.findData("lung"))
     assert widget.current_embedding() is None  # another contrast: not reused
     assert tuple(layer.contrast_limits) == (-1350.0, 150.0)
     embed(qtbot, widget)
@@ -501,13 +501,13 @@ def test_sam_contrast_presets_and_custom_window(labeler, qtbot, tiny_engine):
     np.testing.assert_allclose(lung.features.numpy(), expected.features.numpy(), atol=1e-3)
     assert not np.allclose(lung.features.numpy(), auto.features.numpy())
 
-    widget.contrast_combo.setCurrentText("custom window")
-    assert widget.center_spin.isEnabled()
-    widget.center_spin.setValue(300.0)
-    widget.width_spin.setValue(1000.0)
-    widget._on_contrast_changed()
+    widget.model.contrast_combo.setCurrentText("custom window")
+    assert widget.model.center_spin.isEnabled()
+    widget.model.center_spin.setValue(300.0)
+    widget.model.width_spin.setValue(1000.0)
+    widget.model.on_contrast_changed()
     assert tuple(layer.contrast_limits) == (-200.0, 800.0)
-    assert widget._mappings[layer.unique_id].lows == (-200.0,)
+    assert widget.state.mappings[layer.unique_id].lows == (-200.0,)
     np.testing.assert_array_equal(layer.data, original)  # stored HU never change
 
 
@@ -520,7 +520,7 @@ def test_ct_from_dicom_starts_with_its_window(make_napari_viewer, qtbot, tmp_pat
     viewer = make_napari_viewer()
     layer = viewer.add_image(vol.data, **vol.layer_metadata())
     _dock, widget = viewer.window.add_plugin_dock_widget("napari-sam-labeler")
-    assert widget.contrast_combo.currentText() == "custom window"
-    assert (widget.center_spin.value(), widget.width_spin.value()) == (40.0, 400.0)
-    mapping = widget._mappings[layer.unique_id]
+    assert widget.model.contrast_combo.currentText() == "custom window"
+    assert (widget.model.center_spin.value(), widget.model.width_spin.value()) == (40.0, 400.0)
+    mapping = widget.state.mappings[layer.unique_id]
     assert mapping.mode == "window" and (mapping.lows, mapping.highs) == ((-160.0,), (240.0,))

@@ -28,7 +28,7 @@ def run_demo(sample: str = "cell", model=None, status=None, screenshot: str | No
         dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
         docks.append((dock, widget))
         if model is not None and hasattr(widget, "model_edit"):
-            widget.model_edit.setText(str(model))
+            widget.model.model_edit.setText(str(model))
     fit_window(viewer, docks)
     if status is not None:
         if status.available:

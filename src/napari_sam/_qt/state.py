@@ -1,0 +1,214 @@
+"""One labeling session's shared state: what every panel of the dock reads and writes.
+
+One state object per dock widget (not a process-wide singleton): the loaded engine, the
+in-session embeddings and intensity mappings, the persistent cache, the prompt and preview
+layers, the current preview, and the signals tests and notebooks listen to. Panels hold a
+reference to it; the helpers here need no Qt controls beyond the two layer choosers.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+from napari.layers import Image, Labels
+from napari.utils.notifications import show_error
+from qtpy.QtCore import QObject, Signal
+
+from ..cache import EmbeddingCache
+from .controls import combo
+
+POINTS_NAME = "SAM points"
+BOXES_NAME = "SAM boxes"
+PREVIEW_NAME = "SAM preview"
+NEW_LABELS = "(new labels layer)"
+LABELS_NAME = "SAM labels"
+POSITIVE, NEGATIVE = "positive", "negative"
+MAX_CACHED_EMBEDDINGS = 16  # per widget, in memory; the persistent cache is cache.py's job
+
+
+class LabelerState(QObject):
+    """Engine, embeddings, prompts and preview of one dock widget."""
+
+    #: an ImageEmbedding is ready for the current image/slice
+    embedding_ready = Signal(object)
+    #: a preview was decoded: list of Prediction, one per object
+    preview_ready = Signal(object)
+    #: a commit was written: annotate.CommitPlan
+    committed = Signal(object)
+    #: encoding stopped by the user
+    embedding_cancelled = Signal()
+    #: "Embed stack" finished: (slices cached, slices in the stack)
+    stack_embedded = Signal(object)
+    #: "Propagate" finished and was written: PropagationSummary
+    propagated = Signal(object)
+    #: one line for the dock's status label
+    status_changed = Signal(str)
+
+    def __init__(self, viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = viewer
+        # model: the engine and the (model, device, dtype) it was loaded for
+        self.engine = None
+        self.engine_key = None
+        # in-session embeddings {(layer uid, slice): ImageEmbedding} and SAM intensity
+        # mappings {layer uid: IntensityMapping}; the persistent cache is keyed by content
+        self.embeddings: OrderedDict = OrderedDict()
+        self.mappings: dict = {}
+        self.cache = EmbeddingCache()  # $NAPARI_SAM_CACHE or the user cache folder
+        # per labels layer: {label id: slices the user committed it on} (propagation seeds)
+        self.seed_slices: dict = {}
+        # the plugin's own layers
+        self.points = None
+        self.boxes = None
+        self.preview = None
+        # the preview on screen: prompts per object, their predictions, slice, chosen candidate
+        self.objects: list = []
+        self.predictions: list = []
+        self.preview_slice = None
+        self.choice: int | None = None
+        self.refine_label: int | None = None
+        # workers and decode bookkeeping
+        self.embed_worker = None
+        self.stack_worker = None
+        self.decode_after_embed = False
+        self.decode_seq = 0
+        # which image is prompted and which labels layer receives commits
+        self.image_combo = combo()
+        self.labels_combo = combo()
+
+    # --- status and errors ------------------------------------------------------------
+
+    def set_status(self, text: str) -> None:
+        self.status_changed.emit(text)
+
+    def report_error(self, exc: Exception) -> None:
+        """A worker's or an action's error: one notification line, the whole text in the status."""
+        self.decode_after_embed = False
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        show_error(f"SAM Labeler: {first}")
+        self.set_status(f"Error: {exc}")
+
+    # --- layers -----------------------------------------------------------------------
+
+    @property
+    def image_layer(self) -> Image | None:
+        name = self.image_combo.currentText()
+        if name and name in self.viewer.layers and isinstance(self.viewer.layers[name], Image):
+            return self.viewer.layers[name]
+        return None
+
+    @property
+    def labels_layer(self) -> Labels | None:
+        name = self.labels_combo.currentText()
+        if name and name != NEW_LABELS and name in self.viewer.layers:
+            return self.viewer.layers[name]
+        return None
+
+    @staticmethod
+    def unsupported(layer: Image) -> str | None:
+        if layer.multiscale:
+            return f"{layer.name}: multiscale images are not supported yet; open the full-resolution level."
+        if layer.ndim not in (2, 3):
+            return (f"{layer.name}: SAM Labeler works on 2D images and 3D stacks (Z, Y, X); "
+                    f"this layer has {layer.ndim} spatial dimensions.")
+        return None
+
+    @staticmethod
+    def spatial_shape(layer: Image) -> tuple[int, ...]:
+        shape = tuple(layer.data.shape)
+        return shape[:-1] if layer.rgb else shape
+
+    def forget_layer(self, layer) -> None:
+        """Drop what was kept for a removed layer (napari's proxy layers: compare with ==)."""
+        if layer == self.points:
+            self.points = None
+        elif layer == self.boxes:
+            self.boxes = None
+        elif layer == self.preview:
+            self.preview = None
+        self.forget_embeddings(layer.unique_id)
+        self.mappings.pop(layer.unique_id, None)
+
+    # --- coordinates ------------------------------------------------------------------
+
+    def current_slice(self, layer: Image | None = None) -> int | None:
+        """Index along the stack axis of the slice on screen (None for 2D)."""
+        layer = layer or self.image_layer
+        if layer is None or layer.ndim == 2:
+            return None
+        point = np.asarray(self.viewer.dims.point)[-layer.ndim:]
+        z = int(np.round(layer.world_to_data(point)[0]))
+        return int(np.clip(z, 0, layer.data.shape[0] - 1))
+
+    def to_image_data(self, layer, coords: np.ndarray) -> np.ndarray:
+        """Coordinates in ``layer``'s data space → the image layer's data space (via world)."""
+        image = self.image_layer
+        coords = np.atleast_2d(np.asarray(coords, float))
+        if len(coords) == 0:
+            return coords.reshape(0, image.ndim)
+        world = np.array([layer.data_to_world(c) for c in coords])
+        return np.array([image.world_to_data(w) for w in world])
+
+    def prompts_on_slice(self, z: int | None):
+        """Points (row, col), labels and boxes lying on the slice ``z`` of the image."""
+        pts = np.empty((0, 2))
+        labels = np.empty(0, np.int64)
+        boxes = []
+        if self.points is not None and len(self.points.data):
+            data = self.to_image_data(self.points, self.points.data)
+            signs = np.asarray(self.points.features["sign"].astype(str))
+            keep = np.ones(len(data), bool) if z is None else np.round(data[:, 0]).astype(int) == z
+            pts = data[keep][:, -2:]
+            labels = (signs[keep] == POSITIVE).astype(np.int64)
+        if self.boxes is not None:
+            for verts, kind in zip(self.boxes.data, self.boxes.shape_type):
+                if kind not in ("rectangle", "polygon"):
+                    continue
+                v = self.to_image_data(self.boxes, verts)
+                if z is not None and int(np.round(v[:, 0].mean())) != z:
+                    continue
+                rc = v[:, -2:]
+                boxes.append([rc[:, 0].min(), rc[:, 1].min(), rc[:, 0].max(), rc[:, 1].max()])
+        return pts, labels, boxes
+
+    # --- engine and embeddings --------------------------------------------------------
+
+    def use_engine(self, engine, key) -> None:
+        """Keep ``engine`` as the one loaded for ``key`` = (model, device, dtype)."""
+        self.engine, self.engine_key = engine, key
+
+    def drop_engine_unless(self, key) -> None:
+        """Forget the loaded engine (and its embeddings) if it was loaded for another choice."""
+        if self.engine is not None and key != self.engine_key:
+            self.engine = None
+            self.embeddings.clear()
+
+    @staticmethod
+    def embedding_key(layer: Image, z):
+        return (layer.unique_id, z)
+
+    def current_embedding(self):
+        """The kept embedding for the image and slice on screen, or None."""
+        layer = self.image_layer
+        if layer is None:
+            return None
+        emb = self.embeddings.get(self.embedding_key(layer, self.current_slice(layer)))
+        if emb is not None and self.engine is not None and emb.model_id != self.engine.model_id:
+            return None
+        return emb
+
+    def remember_embedding(self, key, embedding) -> None:
+        self.embeddings[key] = embedding
+        while len(self.embeddings) > MAX_CACHED_EMBEDDINGS:
+            self.embeddings.popitem(last=False)
+
+    def forget_embeddings(self, layer_id) -> None:
+        self.embeddings = OrderedDict((k, v) for k, v in self.embeddings.items() if k[0] != layer_id)
+
+
+def load_engine(requested):
+    """Load the engine for ``requested`` = (model, device, dtype); runs in a worker."""
+    from ..engine import load_model
+
+    return load_model(requested[0] or None, device=requested[1], dtype=requested[2])
