@@ -1,8 +1,7 @@
-"""Packaging contracts: light import, import direction, manifest, samples, demo."""
+"""Packaging contracts: light import, manifest, samples, demo (layering: test_architecture.py)."""
 
 from __future__ import annotations
 
-import ast
 import os
 import subprocess
 import sys
@@ -14,7 +13,6 @@ import pytest
 
 import napari_sam
 
-SRC = Path(napari_sam.__file__).resolve().parent
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "napari", "qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "magicgui")
 
@@ -39,71 +37,7 @@ def test_public_names_resolve_lazily():
         napari_sam.no_such_name  # noqa: B018
 
 
-def _imports(path: Path) -> set[str]:
-    """Absolute module names imported anywhere in ``path`` (relative ones resolved)."""
-    tree = ast.parse(path.read_text())
-    rel = path.relative_to(SRC.parent).with_suffix("")
-    package = list(rel.parts[:-1]) if rel.name != "__init__" else list(rel.parts[:-1])
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package[: len(package) - node.level + 1]
-                mod = ".".join(base + ([node.module] if node.module else []))
-                if node.module is None:
-                    found.update(f"{mod}.{a.name}" for a in node.names)
-                else:
-                    found.add(mod)
-            else:
-                found.add(node.module)
-    return found
-
-
-# Layering (STYLE.md): _qt, cli, serve -> api -> engine/cache/propagate -> preprocess/_types.
-LOWER = {
-    "napari_sam._types": set(),
-    "napari_sam._modelstack": set(),
-    "napari_sam.preprocess": {"napari_sam._types"},
-    "napari_sam.checkpoints": {"napari_sam._types", "napari_sam._modelstack"},
-    "napari_sam.engine": {"napari_sam._types", "napari_sam.preprocess", "napari_sam._modelstack",
-                          "napari_sam.checkpoints"},
-    "napari_sam.samples": {"napari_sam.io.dicom"},
-    "napari_sam.annotate": {"napari_sam._types"},
-    "napari_sam.cache": {"napari_sam._types"},  # stores and returns embeddings, never runs the model
-    "napari_sam.volume": {"napari_sam._types", "napari_sam.preprocess", "napari_sam.cache", "napari_sam.engine"},
-    "napari_sam.propagate": {"napari_sam._types", "napari_sam.annotate"},
-    "napari_sam.io.dicom": {"napari_sam.preprocess"},
-    "napari_sam._fileio": set(),
-    "napari_sam.io._geometry": set(),
-    "napari_sam.io.nifti": {"napari_sam.io._geometry", "napari_sam._fileio"},
-    "napari_sam.io.tiff": {"napari_sam._fileio"},
-    "napari_sam.io.seg": {"napari_sam.io._geometry", "napari_sam._fileio"},
-    "napari_sam.api": {"napari_sam._types", "napari_sam.preprocess", "napari_sam.engine", "napari_sam.annotate",
-                       "napari_sam.checkpoints",
-                       "napari_sam._fileio",
-                       "napari_sam.cache", "napari_sam.volume", "napari_sam.propagate"},
-}
-
-
-def test_import_direction():
-    problems = []
-    for path in SRC.rglob("*.py"):
-        module = ".".join(path.relative_to(SRC.parent).with_suffix("").parts).removesuffix(".__init__")
-        imports = _imports(path)
-        in_qt = module.startswith("napari_sam._qt")
-        for imp in imports:
-            top = imp.split(".")[0]
-            if not in_qt and top in ("qtpy", "napari", "magicgui", "PyQt5", "PyQt6", "PySide2", "PySide6"):
-                problems.append(f"{module} imports {imp} (Qt/napari only in napari_sam._qt)")
-            if not in_qt and module != "napari_sam.cli" and imp.startswith("napari_sam._qt"):
-                problems.append(f"{module} imports {imp}")
-            if module in LOWER and imp.startswith("napari_sam.") and imp != module:
-                allowed = LOWER[module] | {"napari_sam._version"}
-                if not any(imp == a or imp.startswith(a + ".") for a in allowed):
-                    problems.append(f"{module} imports {imp} (layering: may use only {sorted(allowed)})")
-    assert not problems, "\n".join(problems)
+# The import layering is checked with import-linter: tests/test_architecture.py.
 
 
 def test_manifest_shipped_in_package_matches_root():

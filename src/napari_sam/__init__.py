@@ -31,6 +31,18 @@ _LAZY = {
     "CT_PRESETS": "preprocess",
     "resolve_intensity": "preprocess",
     "to_rgb_uint8": "preprocess",
+    # the scripted workflow (napari_sam.api has the full list)
+    "read_image": "api",
+    "open_volume": "api",
+    "write_labels_tiff": "api",
+    "segment_2d": "api",
+    "segment_volume": "api",
+    "propagate_labels": "api",
+    "Stack": "api",
+    "StopRule": "api",
+    "EmbeddingCache": "api",
+    "embed_cached": "api",
+    "model_status": "api",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -39,6 +51,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._types import ImageEmbedding, IntensityMapping, ModelInputSpec, Prediction, Prompt
     from .checkpoints import DEFAULT_MODEL, ModelNotFoundError, resolve_model_source
     from .engine import SamEngine, load_model
+    from .api import (
+        EmbeddingCache, Stack, StopRule, embed_cached, model_status, open_volume, propagate_labels,
+        read_image, segment_2d, segment_volume, write_labels_tiff,
+    )
     from .preprocess import CT_PRESETS, resolve_intensity, to_rgb_uint8
 
 

@@ -1,7 +1,12 @@
-"""The few functions a notebook, script, the CLI (and later the server) call.
+"""The public API: what a notebook, a script, the CLI and the widget call.
 
-Everything here is a thin composition of :mod:`napari_sam.engine` and
-:mod:`napari_sam.preprocess`; nothing imports napari or Qt.
+The faces (``cli.py``, ``_qt/``, later the scoring server) reach the core only through
+this module; import-linter contracts in ``pyproject.toml`` (checked by
+``tests/test_architecture.py``) hold them to it. Everything here is a thin composition of
+the engine, the cache, stacks and propagation; nothing imports napari or Qt, and importing
+it does not import torch.
+
+Coordinates are napari's: ``(row, col)`` in 2D, ``(plane, row, col)`` in 3D.
 """
 
 from __future__ import annotations
@@ -14,13 +19,37 @@ from pathlib import Path
 import numpy as np
 
 from . import annotate
-from ._fileio import atomic_write
 from . import preprocess as pp
-from .cache import EmbeddingCache
-from .checkpoints import MODEL_ENV, hub_cache_path, resolve_model_source
-from .engine import SamEngine
-from .propagate import StopRule, propagate, seeds_from_labels
-from .volume import Stack, embed_cached, embed_cached_steps  # noqa: F401  (public: the widget embeds through these)
+from ._fileio import atomic_write
+from .cache import CacheStats, EmbeddingCache
+from .checkpoints import DEFAULT_MODEL, MODEL_ENV, ModelNotFoundError, hub_cache_path, resolve_model_source
+from .engine import SamEngine, load_model
+from .propagate import PropagationStep, PropagationSummary, StopRule, propagate, seeds_from_labels
+from .volume import Stack, StackProgress, embed_cached, embed_cached_steps
+
+__all__ = [
+    # models
+    "DEFAULT_MODEL", "MODEL_ENV", "ModelNotFoundError", "SamEngine", "load_model", "model_status",
+    "ModelStatus", "resolve_device_dtype",
+    # embeddings and the persistent cache
+    "EmbeddingCache", "CacheStats", "embed_cached", "embed_cached_steps",
+    # files
+    "read_image", "open_volume", "write_labels_tiff",
+    # 2D and 3D segmentation
+    "ObjectResult", "segment_2d", "Stack", "StackProgress", "segment_volume",
+    "StopRule", "PropagationStep", "PropagationSummary", "propagate_labels",
+]
+
+
+def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
+    """The device and dtype :func:`load_model` would use for these choices (imports torch).
+
+    Returns names such as ``("cpu", "float32")`` or ``("cuda", "bfloat16")``.
+    """
+    from .engine import resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    return str(dev), str(resolve_dtype(dtype, dev)).replace("torch.", "")
 
 
 @dataclass

@@ -64,7 +64,7 @@ def _add_cache_args(p: argparse.ArgumentParser) -> None:
 
 
 def _open_cache(args):
-    from .cache import EmbeddingCache
+    from .api import EmbeddingCache
 
     if getattr(args, "no_cache", False):
         return None
@@ -157,7 +157,7 @@ def _quiet_transformers() -> None:
 
 
 def _load_engine(args):
-    from .engine import load_model
+    from .api import load_model
 
     _quiet_transformers()
     print(f"loading model {args.model or '(default)'} ...", file=sys.stderr)
@@ -192,15 +192,12 @@ def cmd_segment(args) -> int:
     engine = _load_engine(args)
     cache = _open_cache(args)
     if stack_like:
-        from .propagate import StopRule
-        from .volume import Stack
-
-        stack = Stack(image, axis=args.axis, **_intensity(args))
+        stack = api.Stack(image, axis=args.axis, **_intensity(args))
         print(f"{engine}; slice {args.slice} of {args.image} {image.shape} ...", file=sys.stderr)
         label_image, objects, summary = api.segment_volume(
             engine, stack, args.slice, points=points, point_labels=labels, boxes=args.box or None,
             multimask=args.multimask, propagate_objects=args.propagate, cache=cache,
-            direction=args.direction, rule=StopRule(min_iou=args.min_iou),
+            direction=args.direction, rule=api.StopRule(min_iou=args.min_iou),
         )
     else:
         print(f"{engine}; embedding {args.image} {image.shape} ...", file=sys.stderr)
@@ -223,12 +220,11 @@ def cmd_segment(args) -> int:
 
 def cmd_embed(args) -> int:
     from . import api
-    from .volume import Stack
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     data = api.open_volume(args.volume)
-    stack = Stack(data, axis=args.axis, **_intensity(args))
+    stack = api.Stack(data, axis=args.axis, **_intensity(args))
     indices = _slices(args.slices, len(stack))
     engine = _load_engine(args)
     cache = _open_cache(args)
@@ -250,7 +246,7 @@ def cmd_embed(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from .cache import EmbeddingCache
+    from .api import EmbeddingCache
 
     cache = EmbeddingCache(args.cache)
     if args.action == "clear":
@@ -276,13 +272,11 @@ def cmd_info(args) -> int:
     try:
         import torch
 
-        from .engine import resolve_device, resolve_dtype
-
         mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
         cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no"
         print(f"torch {torch.__version__} (CUDA: {cuda}, MPS: {'yes' if mps else 'no'})")
-        dev = resolve_device("auto")
-        print(f"device (auto): {dev}, dtype (auto): {str(resolve_dtype('auto', dev)).replace('torch.', '')}")
+        dev, dtype = api.resolve_device_dtype("auto", "auto")
+        print(f"device (auto): {dev}, dtype (auto): {dtype}")
     except ImportError as exc:
         print(f"torch: not importable ({exc})")
     try:
@@ -342,7 +336,7 @@ COMMANDS = {"segment": cmd_segment, "embed": cmd_embed, "cache": cmd_cache, "inf
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .checkpoints import ModelNotFoundError
+    from .api import ModelNotFoundError
 
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits 2 on usage errors

@@ -15,7 +15,7 @@ from napari.utils import progress
 from napari.utils.notifications import show_error, show_warning
 from qtpy.QtWidgets import QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLineEdit, QPushButton
 
-from ..checkpoints import DEFAULT_MODEL, MODEL_ENV
+from ..api import DEFAULT_MODEL, MODEL_ENV, embed_cached_steps
 from ..preprocess import CT_PRESETS, resolve_intensity
 from .controls import button, combo, row
 from .state import LabelerState, load_engine
@@ -188,8 +188,6 @@ class ModelPanel(QGroupBox):
                 # A volume gets one mapping over all slices: same contrast on every slice.
                 mapping = resolve_intensity(data, multichannel=rgb)
             image = np.asarray(data if z is None else data[z])
-            from ..api import embed_cached_steps
-
             steps = embed_cached_steps(engine, image, mapping=mapping, cache=cache)
             while True:
                 try:

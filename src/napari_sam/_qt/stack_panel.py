@@ -13,6 +13,7 @@ from napari.utils import progress
 from napari.utils.notifications import show_info, show_warning
 from qtpy.QtWidgets import QCheckBox, QDoubleSpinBox, QFormLayout, QGroupBox, QLabel, QPushButton, QSpinBox
 
+from ..api import Stack, StopRule, propagate_labels
 from .controls import button, combo, fit_width, row
 from .state import LabelerState, load_engine
 
@@ -81,8 +82,6 @@ class StackPanel(QGroupBox):
         data, uid = layer.data, layer.unique_id
 
         def work():
-            from ..api import Stack
-
             loaded = engine
             if loaded is None:
                 yield ("Loading model …", 0, 1)
@@ -198,14 +197,10 @@ class StackPanel(QGroupBox):
         work_labels = original.copy()
         cache = state.cache
         direction = self.direction_combo.currentText()
-        from ..api import StopRule
-
         rule = StopRule(min_iou=self.min_iou_spin.value())
         overwrite = self.host.labels.overwrite_check.isChecked()
 
         def body(engine, stack):
-            from ..api import propagate_labels
-
             steps = propagate_labels(
                 engine, stack, work_labels, seed_slices=seed_slices, ids=ids, cache=cache, start=z,
                 direction=direction, z_range=z_range, rule=rule, overwrite=overwrite,

@@ -15,7 +15,7 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_error
 from qtpy.QtCore import QObject, Signal
 
-from ..cache import EmbeddingCache
+from ..api import EmbeddingCache, load_model
 from .controls import combo
 
 POINTS_NAME = "SAM points"
@@ -209,6 +209,4 @@ class LabelerState(QObject):
 
 def load_engine(requested):
     """Load the engine for ``requested`` = (model, device, dtype); runs in a worker."""
-    from ..engine import load_model
-
     return load_model(requested[0] or None, device=requested[1], dtype=requested[2])
