@@ -48,3 +48,14 @@ def test_a_violation_is_reported(tmp_path, module, line, contract):
     assert res.returncode != 0
     broken = [row for row in res.stdout.splitlines() if row.endswith("BROKEN")]
     assert len(broken) >= 1 and contract in res.stdout.split("Broken contracts")[-1], res.stdout
+
+
+def test_modules_stay_small():
+    """No module over 500 lines; the widget's parts under 300, readable in one sitting (issue 11)."""
+    too_long = []
+    for path in sorted((SRC / "napari_sam").rglob("*.py")):
+        n = len(path.read_text().splitlines())
+        limit = 300 if "_qt" in path.parts else 500
+        if n > limit:
+            too_long.append(f"{path.relative_to(SRC)}: {n} lines (limit {limit})")
+    assert not too_long, "\n".join(too_long)
