@@ -57,14 +57,19 @@ def test_npe2_nifti_writer_and_reader(oblique_series, tmp_path):
 
 
 def test_layer_without_dicom_geometry_uses_scale_and_translate(tmp_path):
+    """napari world (z, y, x) is patient LPS: the voxel lands where the layer showed it (nibabel)."""
+    nib = pytest.importorskip("nibabel")
     labels = np.zeros((3, 4, 5), np.uint8)
     labels[1, 2, 3] = 7
     meta = {"scale": (2.0, 0.5, 0.25), "translate": (10.0, 20.0, 30.0)}
     (path,) = napari_write_labels(str(tmp_path / "plain.nii"), labels, meta)
     data, affine, _ = read_nifti(path)
     np.testing.assert_array_equal(data, labels)
-    np.testing.assert_allclose(np.diag(affine)[:3], (2.0, 0.5, 0.25))
-    np.testing.assert_allclose(affine[:3, 3], (10.0, 20.0, 30.0))
+    world_zyx = np.array([10.0 + 2.0 * 1, 20.0 + 0.5 * 2, 30.0 + 0.25 * 3])  # voxel (1, 2, 3) in napari
+    img = nib.load(path)
+    ras = (img.affine @ [3, 2, 1, 1])[:3]  # NIfTI indexes (i, j, k) = (x, y, z)
+    np.testing.assert_allclose(ras, [-world_zyx[2], -world_zyx[1], world_zyx[0]])  # LPS -> RAS
+    assert np.asarray(img.dataobj)[3, 2, 1] == 7
 
 
 def test_ome_tiff_round_trip_with_physical_sizes(tmp_path):

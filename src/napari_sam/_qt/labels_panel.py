@@ -14,6 +14,7 @@ from qtpy.QtWidgets import QCheckBox, QFormLayout, QGroupBox, QSpinBox
 from .. import annotate
 from .._types import Prompt
 from .controls import button, row
+from .placement import placement
 from .state import LABELS_NAME, NEW_LABELS, LabelerState
 
 
@@ -50,7 +51,7 @@ class LabelsPanel(QGroupBox):
         if layer is None:
             layer = Labels(
                 np.zeros(spatial, np.uint32), name=LABELS_NAME,
-                scale=tuple(image.scale), translate=tuple(image.translate),
+                **placement(image),  # exactly the image's (patient-space) placement
                 # the source geometry (DICOM affine, files) travels with the labels, so
                 # File > Save can write NIfTI or DICOM-SEG aligned with the image
                 metadata=dict(image.metadata),

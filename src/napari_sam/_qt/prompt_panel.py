@@ -16,6 +16,7 @@ from qtpy.QtWidgets import QCheckBox, QFormLayout, QGroupBox, QHBoxLayout, QPush
 
 from .. import annotate
 from .controls import fit_width
+from .placement import drawn_placement
 from .state import BOXES_NAME, NEGATIVE, POINTS_NAME, POSITIVE, PREVIEW_NAME, LabelerState
 
 
@@ -51,7 +52,7 @@ class PromptPanel(QGroupBox):
         """Points, boxes and preview layers matching ``image`` (dimensions, shape, placement)."""
         state, viewer = self.state, self.state.viewer
         nd = image.ndim
-        scale, translate = tuple(image.scale), tuple(image.translate)
+        where = drawn_placement(image)  # the image as napari draws it (placement.py)
         spatial = state.spatial_shape(image)
         if state.points is None or state.points.ndim != nd:
             if state.points is not None:
@@ -61,8 +62,7 @@ class PromptPanel(QGroupBox):
             state.points = Points(
                 np.empty((0, nd)), ndim=nd, name=POINTS_NAME, features=features,
                 feature_defaults={"sign": POSITIVE}, face_color="sign",
-                face_color_cycle=["#33ff33", "#ff3333"], border_color="white", size=size,
-                scale=scale, translate=translate,
+                face_color_cycle=["#33ff33", "#ff3333"], border_color="white", size=size, **where,
             )
             state.points.events.data.connect(self._on_prompts_changed)
             state.points.mouse_drag_callbacks.insert(0, self._on_points_press)
@@ -72,8 +72,7 @@ class PromptPanel(QGroupBox):
                 viewer.layers.remove(state.boxes)
             state.boxes = Shapes(
                 ndim=nd, name=BOXES_NAME, edge_color="yellow", face_color="transparent",
-                edge_width=max(1.0, max(spatial[-2:]) / 300),
-                scale=scale, translate=translate,
+                edge_width=max(1.0, max(spatial[-2:]) / 300), **where,
             )
             state.boxes.events.data.connect(self._on_prompts_changed)
             viewer.add_layer(state.boxes)
@@ -82,13 +81,13 @@ class PromptPanel(QGroupBox):
             if state.preview is not None:
                 viewer.layers.remove(state.preview)
             state.preview = Labels(
-                np.zeros(spatial, np.uint8), name=PREVIEW_NAME, opacity=0.55,
-                scale=scale, translate=translate,
+                np.zeros(spatial, np.uint8), name=PREVIEW_NAME, opacity=0.55, **where,
             )
             viewer.add_layer(state.preview)
         labels = self.host.labels
         for layer in (state.points, state.boxes, state.preview):
-            layer.scale, layer.translate = scale, translate
+            for name, value in where.items():  # the image may have moved since
+                setattr(layer, name, value)
             # Ctrl+Z must undo the labels edit while the user is prompting, not only when
             # the labels layer is the active one (where napari binds it).
             for key, func in (("Enter", labels.commit), ("Escape", self.clear_prompts),

@@ -17,6 +17,7 @@ from qtpy.QtCore import QObject, Signal
 
 from ..api import EmbeddingCache, load_model
 from .controls import combo
+from .placement import world_to_drawn_data
 
 POINTS_NAME = "SAM points"
 BOXES_NAME = "SAM boxes"
@@ -138,17 +139,18 @@ class LabelerState(QObject):
         if layer is None or layer.ndim == 2:
             return None
         point = np.asarray(self.viewer.dims.point)[-layer.ndim:]
-        z = int(np.round(layer.world_to_data(point)[0]))
+        z = int(np.round(world_to_drawn_data(layer, point)[0, 0]))  # the slice napari shows
         return int(np.clip(z, 0, layer.data.shape[0] - 1))
 
     def to_image_data(self, layer, coords: np.ndarray) -> np.ndarray:
-        """Coordinates in ``layer``'s data space → the image layer's data space (via world)."""
+        """Coordinates in ``layer``'s data space → the image's data space as napari draws it
+        (via world; for an oblique stack, the pixel under the cursor on the slice shown)."""
         image = self.image_layer
         coords = np.atleast_2d(np.asarray(coords, float))
         if len(coords) == 0:
             return coords.reshape(0, image.ndim)
         world = np.array([layer.data_to_world(c) for c in coords])
-        return np.array([image.world_to_data(w) for w in world])
+        return world_to_drawn_data(image, world)
 
     def prompts_on_slice(self, z: int | None):
         """Points (row, col), labels and boxes lying on the slice ``z`` of the image."""

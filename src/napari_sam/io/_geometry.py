@@ -1,9 +1,23 @@
-"""Index → patient-space affines shared by the readers and writers.
+"""One geometry convention for every medical reader and writer.
 
-Our arrays are (slice, row, column) = (Z, Y, X), napari's order, and our affines map
-those indices to DICOM patient coordinates (LPS, millimetres). NIfTI arrays are indexed
-(i, j, k) = (X, Y, Z) and their affines map to RAS. Layers without DICOM geometry get
-an axis-aligned affine from their scale and translate.
+Arrays are indexed (slice, row, column) = (Z, Y, X), napari's order. A volume's
+``affine_lps`` maps those indices to DICOM patient coordinates (LPS, millimetres, in
+x, y, z order), as ITK/SimpleITK and 3D Slicer place it. NIfTI arrays are (i, j, k) =
+(X, Y, Z) with a RAS affine; the NIfTI reader and writer convert.
+
+**napari world = patient space.** A layer's world coordinates are LPS millimetres in
+napari's axis order, ``(z, y, x)`` = (S, P, L): world axis 0 runs from the patient's
+feet to head, axis 1 from anterior to posterior (down on screen), axis 2 from the
+patient's right to left (right on screen: the radiological view). Every reader gives its
+layer this placement (:func:`placement`) and every writer reads it back
+(:func:`affine_from_layer_meta`), so a DICOM series, a NIfTI of it written by any tool,
+and labels saved as NIfTI or DICOM-SEG overlay voxel for voxel.
+
+An axial series (rows along +x, columns along +y, slices along +z) needs only napari's
+``scale`` and ``translate``. Any other orientation (oblique, coronal, sagittal, flipped
+axes) gets ``scale`` (the voxel spacing) plus an ``affine`` holding the direction cosines
+and the origin. OME-TIFF and other microscopy files have no patient space: they keep
+their physical ``scale`` only.
 """
 
 from __future__ import annotations
@@ -12,6 +26,7 @@ import numpy as np
 
 _FLIP_LPS_RAS = np.diag([-1.0, -1.0, 1.0])
 _REVERSE = np.eye(3)[::-1]  # (z, y, x) <-> (x, y, z)
+_AXIS_ALIGNED_TOL = 1e-6
 
 
 def as_volume(data, what: str) -> np.ndarray:
@@ -24,19 +39,85 @@ def as_volume(data, what: str) -> np.ndarray:
     return data
 
 
+def napari_matrix(affine_lps: np.ndarray) -> np.ndarray:
+    """(Z, Y, X) index → LPS (x, y, z) affine  →  index → napari world (z, y, x) affine."""
+    a = np.asarray(affine_lps, float)
+    out = np.eye(4)
+    out[:3, :3] = _REVERSE @ a[:3, :3]
+    out[:3, 3] = _REVERSE @ a[:3, 3]
+    return out
+
+
+def lps_matrix(world_affine: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`napari_matrix`."""
+    return napari_matrix(world_affine)  # reversing the output axes is its own inverse
+
+
+def placement(affine_lps: np.ndarray, ndim: int = 3) -> dict:
+    """napari layer keyword arguments that put a (Z, Y, X) volume at ``affine_lps``.
+
+    ``{"scale", "translate"}`` when the volume is axis-aligned in patient space, else
+    ``{"scale", "affine"}`` (spacing, then direction cosines and origin). A 2D image
+    (one slice, no stack to overlay) is placed by its pixel spacing only.
+    """
+    world = napari_matrix(affine_lps)
+    spacing = np.linalg.norm(world[:3, :3], axis=0)
+    if ndim == 2:
+        return {"scale": tuple(float(s) for s in spacing[1:])}
+    if ndim != 3:
+        raise ValueError(f"placement is for 2D or 3D layers, not {ndim}D")
+    directions = world[:3, :3] / spacing
+    if np.allclose(directions, np.eye(3), atol=_AXIS_ALIGNED_TOL):
+        return {"scale": tuple(float(s) for s in spacing), "translate": tuple(float(t) for t in world[:3, 3])}
+    rotation = np.eye(4)
+    rotation[:3, :3] = directions
+    rotation[:3, 3] = world[:3, 3]
+    return {"scale": tuple(float(s) for s in spacing), "affine": rotation}
+
+
+def _shear_matrix(shear, n: int) -> np.ndarray:
+    shear = np.asarray(shear, float)
+    if shear.ndim == 2:
+        return shear
+    matrix = np.eye(n)
+    matrix[np.triu_indices(n, 1)] = shear  # napari's upper-triangular coefficients
+    return matrix
+
+
+def layer_world_matrix(meta: dict, ndim: int) -> np.ndarray:
+    """The (ndim+1)² data → world matrix of a layer from its state (napari's ``_get_state``
+    keys: scale, translate, rotate, shear, affine), composed as napari does:
+    ``affine ∘ (translate + rotate · shear · scale)``."""
+    scale = np.asarray(meta.get("scale") if meta.get("scale") is not None else np.ones(ndim), float)[-ndim:]
+    translate = np.asarray(meta.get("translate") if meta.get("translate") is not None else np.zeros(ndim),
+                           float)[-ndim:]
+    rotate = meta.get("rotate")
+    rotate = np.eye(ndim) if rotate is None else np.asarray(rotate, float)[-ndim:, -ndim:]
+    shear = meta.get("shear")
+    shear = np.eye(ndim) if shear is None else _shear_matrix(shear, ndim)
+    inner = np.eye(ndim + 1)
+    inner[:ndim, :ndim] = rotate @ shear @ np.diag(scale)
+    inner[:ndim, ndim] = translate
+    outer = meta.get("affine")
+    outer = np.eye(ndim + 1) if outer is None else np.asarray(getattr(outer, "affine_matrix", outer), float)
+    if outer.shape != (ndim + 1, ndim + 1):
+        outer = outer[-(ndim + 1):, -(ndim + 1):]
+    return outer @ inner
+
+
 def affine_from_layer_meta(meta: dict, ndim: int = 3) -> np.ndarray:
-    """The LPS affine of a layer: its DICOM geometry if any, else scale/translate."""
+    """The LPS affine of a (Z, Y, X) layer: the exact one its reader recorded
+    (``metadata['dicom']['affine_lps']``), else its napari placement read as patient space."""
     dicom = (meta.get("metadata") or {}).get("dicom") or {}
     if "affine_lps" in dicom:
         return np.asarray(dicom["affine_lps"], float)
-    scale = list(meta.get("scale") or [1.0] * ndim)[-3:]
-    translate = list(meta.get("translate") or [0.0] * ndim)[-3:]
-    scale = [1.0] * (3 - len(scale)) + scale
-    translate = [0.0] * (3 - len(translate)) + translate
-    a = np.eye(4)
-    a[:3, :3] = np.diag(scale)
-    a[:3, 3] = translate
-    return a
+    if ndim == 2:
+        m2 = layer_world_matrix(meta, 2)
+        world = np.eye(4)
+        world[1:3, 1:3] = m2[:2, :2]
+        world[1:3, 3] = m2[:2, 2]
+        return lps_matrix(world)
+    return lps_matrix(layer_world_matrix(meta, 3))
 
 
 def lps_zyx_to_ras_ijk(affine_lps: np.ndarray) -> np.ndarray:
@@ -53,8 +134,3 @@ def ras_ijk_to_lps_zyx(affine_ras: np.ndarray) -> np.ndarray:
     out[:3, :3] = _FLIP_LPS_RAS @ affine_ras[:3, :3] @ _REVERSE
     out[:3, 3] = _FLIP_LPS_RAS @ affine_ras[:3, 3]
     return out
-
-
-def scale_translate(affine: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-axis spacing (column norms) and origin, for napari's scale/translate."""
-    return tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0)), tuple(float(v) for v in affine[:3, 3])

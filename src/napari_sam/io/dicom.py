@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._geometry import placement
+
 # Transfer syntaxes whose decoders are optional plugins of pydicom, and what to install.
 _DECODERS = {
     "1.2.840.10008.1.2.4.50": "pylibjpeg pylibjpeg-libjpeg (JPEG baseline)",
@@ -90,10 +92,10 @@ class DicomVolume:
 
     def layer_metadata(self) -> dict:
         """napari layer keyword arguments: name, scale, contrast limits, geometry metadata."""
-        scale = self.spacing if self.data.ndim == 3 else self.spacing[1:]
         meta = {
             "name": self.series_description or f"{self.modality} series",
-            "scale": tuple(float(s) for s in scale),
+            # napari world = patient space (LPS, z y x), as every reader and writer here
+            **placement(self.affine, self.data.ndim),
             "metadata": {
                 "dicom": {
                     "series_uid": self.series_uid,

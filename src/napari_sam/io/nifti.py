@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .._fileio import atomic_write
-from ._geometry import affine_from_layer_meta, as_volume, lps_zyx_to_ras_ijk, ras_ijk_to_lps_zyx, scale_translate
+from ._geometry import affine_from_layer_meta, as_volume, lps_zyx_to_ras_ijk, placement, ras_ijk_to_lps_zyx
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _LABEL_WORDS = ("label", "seg", "mask")
@@ -69,11 +69,9 @@ def napari_get_reader(path):
 
 def _read_layers(path):
     data, affine, is_labels = read_nifti(path)
-    scale, translate = scale_translate(affine)
     meta = {
         "name": Path(path).name.split(".nii")[0],
-        "scale": scale,
-        "translate": translate,
+        **placement(affine, 3),  # napari world = patient space (io/_geometry.py)
         "metadata": {"dicom": {"affine_lps": affine.tolist()}, "source": str(path)},
     }
     return [(data, meta, "labels" if is_labels else "image")]
