@@ -73,3 +73,69 @@ def test_napari_opens_series_and_saves_seg(make_napari_viewer, series, labels, t
     viewer.layers.save(str(out), selected=True, plugin="napari-sam-labeler")
     back, _ = read_dicom_seg(out, image.metadata["dicom"]["files"])
     np.testing.assert_array_equal(back, labels)
+
+
+def test_seg_opens_alone_as_labels_in_patient_space(make_napari_viewer, series, labels, tmp_path):
+    """A SEG file on its own (no source series next to it) opens as one labels layer with the
+    series' shape, ids, names and placement; with the series in the same folder too."""
+    import shutil
+
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    path = write_dicom_seg(alone / "seg.dcm", labels, series.files, names={4: "liver", 17: "kidney"})
+    viewer = make_napari_viewer()
+    (image,) = viewer.open(str(tmp_path / "dcm"), plugin="napari-sam-labeler")
+    (layer,) = viewer.open(str(path), plugin="napari-sam-labeler")
+    assert layer.__class__.__name__ == "Labels"
+    np.testing.assert_array_equal(np.asarray(layer.data), labels)
+    assert layer.metadata["segments"] == {4: "liver", 17: "kidney"}
+    assert list(layer.features["segment"]) == ["background", "liver", "kidney"]
+    for zyx in [(0, 0, 0), (4, 15, 11), (2, 10, 1)]:
+        np.testing.assert_allclose(layer.data_to_world(zyx), image.data_to_world(zyx), atol=1e-4)
+    # beside its series, the series' files become the layer's source (SEG export again)
+    both = tmp_path / "both"
+    shutil.copytree(tmp_path / "dcm", both)
+    shutil.copy(path, both / "seg.dcm")
+    layers = viewer.open(str(both), plugin="napari-sam-labeler")
+    kinds = sorted(type(lay).__name__ for lay in layers)
+    assert kinds == ["Image", "Labels"]
+    seg_layer = next(lay for lay in layers if type(lay).__name__ == "Labels")
+    np.testing.assert_array_equal(np.asarray(seg_layer.data), labels)
+    assert len(seg_layer.metadata["dicom"]["files"]) == labels.shape[0]
+
+
+def test_seg_export_fills_missing_type2_attributes(tmp_path, labels):
+    """Anonymised series often lack type-2 attributes (present, may be empty): fill them."""
+    rng = np.random.default_rng(6)
+    hu = rng.integers(-1000, 1000, labels.shape).astype(np.float64)
+    hu -= hu % 2
+    write_series(tmp_path / "anon", hu)
+    for f in (tmp_path / "anon").iterdir():
+        ds = pydicom.dcmread(f)
+        for keyword in ("PatientBirthDate", "PatientSex", "ReferringPhysicianName", "AccessionNumber", "StudyID"):
+            delattr(ds, keyword)
+        ds.save_as(f)
+    vol = read_dicom_series(tmp_path / "anon")
+    path = write_dicom_seg(tmp_path / "anon.dcm", labels, vol.files)
+    ds = pydicom.dcmread(path)
+    assert ds.PatientBirthDate == "" and ds.AccessionNumber == ""
+    back, _ = read_dicom_seg(path, vol.files)
+    np.testing.assert_array_equal(back, labels)
+
+
+def test_seg_without_empty_frames_still_lands_on_its_slices(make_napari_viewer, series, labels, tmp_path, monkeypatch):
+    """Other tools omit empty frames: alone, the layer spans the frames it has, placed exactly."""
+    original = hd.seg.Segmentation
+    monkeypatch.setattr(hd.seg, "Segmentation", lambda *a, **k: original(*a, **{**k, "omit_empty_frames": True}))
+    alone = tmp_path / "sparse"
+    alone.mkdir()
+    path = write_dicom_seg(alone / "seg.dcm", labels, series.files)
+    assert pydicom.dcmread(path).NumberOfFrames < 2 * labels.shape[0]
+    viewer = make_napari_viewer()
+    (image,) = viewer.open(str(tmp_path / "dcm"), plugin="napari-sam-labeler")
+    (layer,) = viewer.open(str(path), plugin="napari-sam-labeler")
+    first = int(np.flatnonzero(labels.any(axis=(1, 2)))[0])  # slices 1..4 carry labels
+    np.testing.assert_array_equal(np.asarray(layer.data), labels[first:])
+    for zyx in [(0, 0, 0), (3, 15, 11)]:
+        image_zyx = (zyx[0] + first, *zyx[1:])
+        np.testing.assert_allclose(layer.data_to_world(zyx), image.data_to_world(image_zyx), atol=1e-4)

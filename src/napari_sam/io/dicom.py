@@ -397,13 +397,34 @@ def _iter_limited(folder: Path, limit: int = 200) -> Iterable[Path]:
             yield f
 
 
+def _seg_neighbours(path) -> list[str]:
+    """Where a SEG's source series may be: what was opened, or the SEG file's own folder."""
+    if isinstance(path, (list, tuple)):
+        return _candidate_files(path)
+    p = Path(path)
+    if p.is_dir():
+        return _candidate_files(p)
+    return [str(f) for f in sorted(p.parent.iterdir()) if f.is_file() and is_dicom_file(f)]
+
+
 def _read_layers(path):
-    """Every series at ``path`` as an image layer. Irregular geometry is reported through
+    """Every series at ``path`` as a layer: images as image layers, DICOM-SEG objects as
+    labels layers in patient space (io/seg.py). Irregular geometry is reported through
     DicomSeriesWarning, which napari shows as a notification."""
-    return [
-        (vol.data, vol.layer_metadata(), "image")
-        for vol in (read_dicom_series(path, series_uid=uid) for uid in list_series(path))
-    ]
+    from .seg import read_seg
+
+    layers = []
+    for uid, info in list_series(path).items():
+        if info["modality"].upper() == "SEG":
+            candidates = _seg_neighbours(path)
+            for f in info["files"]:
+                vol = read_seg(f, source_files=[c for c in candidates if c not in info["files"]])
+                name = info["description"] or Path(f).stem
+                layers.append((vol.labels, vol.layer_metadata(name), "labels"))
+        else:
+            vol = read_dicom_series(path, series_uid=uid)
+            layers.append((vol.data, vol.layer_metadata(), "image"))
+    return layers
 
 
 def write_dicom_series(folder, hu: np.ndarray, *, spacing=(2.5, 1.0, 1.0), origin=(0.0, 0.0, 0.0),

@@ -9,11 +9,14 @@ tracking ID so that reading the file back restores the same ids on the same slic
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .._fileio import atomic_write
-from ._geometry import as_volume
+from ._geometry import as_volume, placement
+
+SEG_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")  # binary/fractional, label map
 
 _TRACKING_PREFIX = "napari-sam-labeler label "
 
@@ -60,7 +63,7 @@ def write_dicom_seg(
             f"labels have {labels.shape[0]} slices but the source series has {len(files)} files; "
             "DICOM-SEG needs the labels aligned with the series they were drawn on"
         )
-    sources = [pydicom.dcmread(f) for f in files]
+    sources = [_with_type2(pydicom.dcmread(f)) for f in files]
     if int(getattr(sources[0], "NumberOfFrames", 1) or 1) > 1:
         raise ValueError("DICOM-SEG export from enhanced multi-frame sources is not supported yet")
     rows, cols = int(sources[0].Rows), int(sources[0].Columns)
@@ -95,6 +98,19 @@ def write_dicom_seg(
     return str(path)
 
 
+# Patient and study attributes of type 2 ("present, may be empty"): anonymised series often
+# drop them, and highdicom reads them from the source. Missing ones are added empty.
+_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+          "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def _with_type2(ds):
+    for keyword in _TYPE2:
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    return ds
+
+
 def _segmentation(hd, sources, label_map, descriptions, series_description, version):
     from pydicom.uid import generate_uid
 
@@ -112,39 +128,184 @@ def _segmentation(hd, sources, label_map, descriptions, series_description, vers
         software_versions=version,
         device_serial_number="none",
         series_description=series_description,
-        omit_empty_frames=True,
+        # every slice of every segment: the SEG alone then carries the series' whole grid,
+        # so it opens without the source files (read_seg) in the same shape
+        omit_empty_frames=False,
+    )
+
+
+@dataclass
+class SegVolume:
+    """A DICOM-SEG as a labels volume in patient space.
+
+    Attributes
+    ----------
+    labels : ndarray (Z, Y, X), uint8/uint16/uint32
+        Label ids: the ones this plugin wrote (kept in the tracking IDs), else segment numbers.
+    affine_lps : ndarray (4, 4)
+        (slice, row, column) index → LPS millimetres (io/_geometry.py).
+    names : dict
+        Label id → segment label.
+    source_files : list of str
+        The referenced series' files in slice order, when they were found (else empty: the
+        grid then comes from the SEG's own frame positions).
+    """
+
+    labels: np.ndarray
+    affine_lps: np.ndarray
+    names: dict
+    series_uid: str
+    referenced_series_uid: str
+    source_files: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
+
+    def layer_metadata(self, name: str) -> dict:
+        meta = {
+            "name": name,
+            **placement(self.affine_lps, 3),
+            "metadata": {
+                "dicom": {
+                    "series_uid": self.referenced_series_uid,
+                    "seg_series_uid": self.series_uid,
+                    "modality": "SEG",
+                    "affine_lps": self.affine_lps.tolist(),
+                    "files": list(self.source_files),
+                    "warnings": list(self.warnings),
+                },
+                "segments": {int(k): v for k, v in self.names.items()},
+            },
+        }
+        ids = sorted(self.names)
+        meta["features"] = {"index": [0, *ids], "segment": ["background", *(self.names[i] for i in ids)]}
+        return meta
+
+
+def is_seg(ds) -> bool:
+    return str(getattr(ds, "SOPClassUID", "")) in SEG_SOP_CLASSES or str(getattr(ds, "Modality", "")) == "SEG"
+
+
+def _item(ds, index: int, name: str):
+    for seq_name, idx in (("PerFrameFunctionalGroupsSequence", index), ("SharedFunctionalGroupsSequence", 0)):
+        seq = getattr(ds, seq_name, None)
+        if seq is not None and len(seq) > idx and name in seq[idx] and len(seq[idx][name].value):
+            return seq[idx][name].value[0]
+    return None
+
+
+def _unit(v) -> np.ndarray:
+    v = np.asarray([float(x) for x in v])
+    return v / np.linalg.norm(v)
+
+
+def _source_grid(seg, candidates: Sequence[str]):
+    """The referenced series among ``candidates``: (files in slice order, positions), or None."""
+    import pydicom
+
+    referenced = {str(r.ReferencedSOPInstanceUID) for s in getattr(seg, "ReferencedSeriesSequence", [])
+                  for r in s.ReferencedInstanceSequence}
+    found = {}
+    for f in candidates:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+        except Exception:  # not DICOM or damaged: not the source
+            continue
+        if str(getattr(ds, "SOPInstanceUID", "")) in referenced and hasattr(ds, "ImagePositionPatient"):
+            found[f] = np.array([float(v) for v in ds.ImagePositionPatient])
+    if not found or len(found) < len(referenced):
+        return None
+    return found
+
+
+def read_seg(path, source_files: Sequence[str] | None = None) -> SegVolume:
+    """Read a DICOM-SEG (binary or fractional) into a labels volume in patient space.
+
+    The grid is the referenced series' when its files are among ``source_files`` (every
+    referenced instance found), else the SEG's own frame positions: from the lowest to the
+    highest frame along the slice normal, spaced by SpacingBetweenSlices (else the frames'
+    smallest gap). Either way the placement is exact, so the layer overlays the series.
+    No highdicom needed: pydicom reads it.
+    """
+    import pydicom
+
+    seg = pydicom.dcmread(str(path))
+    if not is_seg(seg):
+        raise ValueError(f"{path}: not a DICOM Segmentation (SOP class {getattr(seg, 'SOPClassUID', '?')})")
+    pixels = np.asarray(seg.pixel_array)
+    if pixels.ndim == 2:
+        pixels = pixels[None]
+    n = pixels.shape[0]
+    if str(getattr(seg, "SegmentationType", "BINARY")) == "FRACTIONAL":
+        pixels = pixels > float(getattr(seg, "MaximumFractionalValue", 255)) / 2.0
+    orient = _item(seg, 0, "PlaneOrientationSequence")
+    if orient is None:
+        raise ValueError(f"{path}: no PlaneOrientationSequence; cannot place the segmentation in patient space")
+    iop = [float(v) for v in orient.ImageOrientationPatient]
+    row, col = _unit(iop[:3]), _unit(iop[3:])
+    normal = np.cross(row, col)
+    measures = _item(seg, 0, "PixelMeasuresSequence")
+    dy, dx = (float(v) for v in measures.PixelSpacing) if measures is not None else (1.0, 1.0)
+    positions, numbers = [], []
+    for i in range(n):
+        pos = _item(seg, i, "PlanePositionSequence")
+        ident = _item(seg, i, "SegmentIdentificationSequence")
+        if pos is None or ident is None:
+            raise ValueError(f"{path}: frame {i} has no plane position or segment number")
+        positions.append(np.array([float(v) for v in pos.ImagePositionPatient]))
+        numbers.append(int(ident.ReferencedSegmentNumber))
+    proj = np.array([p @ normal for p in positions])
+    problems = []
+    source = _source_grid(seg, source_files) if source_files else None
+    if source is not None:
+        files = sorted(source, key=lambda f: float(source[f] @ normal))
+        grid = np.array([float(source[f] @ normal) for f in files])
+        origin = source[files[0]]
+        dz = float(np.median(np.diff(grid))) if len(grid) > 1 else 1.0
+        index = [int(np.argmin(np.abs(grid - d))) for d in proj]
+        depth = len(files)
+    else:
+        files = []
+        spacing = float(getattr(measures, "SpacingBetweenSlices", 0) or 0) if measures is not None else 0.0
+        gaps = np.diff(np.unique(np.round(proj, 4)))
+        dz = spacing or (float(gaps.min()) if len(gaps) else float(getattr(measures, "SliceThickness", 1) or 1))
+        origin = positions[int(np.argmin(proj))]
+        index = [int(np.round((d - proj.min()) / dz)) for d in proj]
+        depth = max(index) + 1
+    affine = np.eye(4)
+    affine[:3, 0], affine[:3, 1], affine[:3, 2], affine[:3, 3] = normal * dz, col * dy, row * dx, origin
+    names, ids = {}, {}
+    for desc in seg.SegmentSequence:
+        number = int(desc.SegmentNumber)
+        tracking = str(getattr(desc, "TrackingID", "") or "")
+        label = int(tracking[len(_TRACKING_PREFIX):]) if tracking.startswith(_TRACKING_PREFIX) else number
+        ids[number], names[label] = label, str(getattr(desc, "SegmentLabel", f"segment {number}"))
+    biggest = max(ids.values(), default=0)
+    dtype = np.uint8 if biggest < 256 else np.uint16 if biggest < 65536 else np.uint32
+    labels = np.zeros((depth, *pixels.shape[1:]), dtype)
+    overlap = 0
+    for i in np.argsort(numbers, kind="stable"):  # a higher segment number wins an overlap
+        mask = pixels[i].astype(bool)
+        view = labels[index[i]]
+        overlap += int(np.count_nonzero(mask & (view != 0)))
+        view[mask] = ids.get(numbers[i], numbers[i])
+    if overlap:
+        problems.append(f"{overlap} pixels belong to more than one segment; the higher segment number was kept")
+    referenced = getattr(seg, "ReferencedSeriesSequence", None)
+    return SegVolume(
+        labels=labels, affine_lps=affine, names=names, series_uid=str(getattr(seg, "SeriesInstanceUID", "")),
+        referenced_series_uid=str(referenced[0].SeriesInstanceUID) if referenced else "",
+        source_files=files, warnings=problems,
     )
 
 
 def read_dicom_seg(path, source_files: Sequence[str]) -> tuple[np.ndarray, dict[int, str]]:
-    """Read a DICOM-SEG back onto its source series.
-
-    Returns ``(labels (Z, Y, X), names)``: label ids restored from the segments' tracking
-    IDs (segment numbers otherwise), slices in the order of ``source_files``.
-    """
-    import pydicom
-
-    hd = _highdicom()
-    seg = hd.seg.segread(str(path))
-    uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in source_files]
-    referenced = {str(r.ReferencedSOPInstanceUID) for s in seg.ReferencedSeriesSequence
-                  for r in s.ReferencedInstanceSequence}
-    if not referenced & set(uids):
-        raise ValueError(f"{path} does not reference any of the given source images")
-    numbers = list(seg.segment_numbers)
-    pixels = seg.get_pixels_by_source_instance(
-        source_sop_instance_uids=uids, combine_segments=True, relabel=False,
-        assert_missing_frames_are_empty=True,
-    )
-    labels = np.zeros(pixels.shape, np.uint32)
-    names: dict[int, str] = {}
-    for number in numbers:
-        desc = seg.get_segment_description(number)
-        tracking = str(getattr(desc, "tracking_id", "") or "")
-        label = int(tracking[len(_TRACKING_PREFIX):]) if tracking.startswith(_TRACKING_PREFIX) else int(number)
-        labels[pixels == number] = label
-        names[label] = str(desc.segment_label)
-    return labels, names
+    """Read a DICOM-SEG back onto its source series: ``(labels (Z, Y, X), names)``, slices in
+    the order of ``source_files``; label ids restored from the tracking IDs we write."""
+    vol = read_seg(path, source_files)
+    if not vol.source_files:
+        raise ValueError(f"{path} does not reference the given source images (or not all of them)")
+    order = {f: i for i, f in enumerate(vol.source_files)}
+    wanted = [order[f] for f in source_files]
+    return vol.labels[wanted], vol.names
 
 
 def napari_write_labels(path: str, data, meta: dict) -> list[str]:
