@@ -524,3 +524,12 @@ def test_ct_from_dicom_starts_with_its_window(make_napari_viewer, qtbot, tmp_pat
     assert (widget.model.center_spin.value(), widget.model.width_spin.value()) == (40.0, 400.0)
     mapping = widget.state.mappings[layer.unique_id]
     assert mapping.mode == "window" and (mapping.lows, mapping.highs) == ((-160.0,), (240.0,))
+
+
+def test_demo_puts_the_chosen_model_into_the_widget(make_napari_viewer, tiny_sam_dir):
+    """`napari-sam demo --model PATH` docks the labeler with PATH as its model."""
+    from napari_sam._qt.demo import dock_plugin
+
+    viewer = make_napari_viewer()
+    ((_dock, widget),) = dock_plugin(viewer, model=tiny_sam_dir)
+    assert widget.model.model_edit.text() == str(tiny_sam_dir)

@@ -5,6 +5,18 @@ from __future__ import annotations
 PLUGIN = "napari-sam-labeler"
 
 
+def dock_plugin(viewer, model=None) -> list:
+    """Dock the plugin's widgets; ``model`` goes into the labeler's Model field."""
+    docks = []
+    for name in _plugin_widgets():
+        dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+        docks.append((dock, widget))
+        model_edit = getattr(getattr(widget, "model", None), "model_edit", None)
+        if model is not None and model_edit is not None:
+            model_edit.setText(str(model))
+    return docks
+
+
 def _plugin_widgets() -> list[str]:
     from npe2 import PluginManager
 
@@ -23,12 +35,7 @@ def run_demo(sample: str = "cell", model=None, status=None, screenshot: str | No
 
     viewer = napari.Viewer(title="napari-sam-labeler demo")
     viewer.open_sample(PLUGIN, sample)
-    docks = []
-    for name in _plugin_widgets():
-        dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
-        docks.append((dock, widget))
-        if model is not None and hasattr(widget, "model_edit"):
-            widget.model.model_edit.setText(str(model))
+    docks = dock_plugin(viewer, model)
     fit_window(viewer, docks)
     if status is not None:
         if status.available:
