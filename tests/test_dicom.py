@@ -260,10 +260,10 @@ def test_missing_decoder_message_for_each_compressed_syntax(monkeypatch):
         raise RuntimeError("Unable to decompress pixel data because all plugins are missing dependencies")
 
     monkeypatch.setattr(type(ds), "pixel_array", property(no_plugin))
-    from napari_sam.io.dicom import _pixels
+    from napari_sam.io._dicom_pixels import decode
 
     with pytest.raises(ValueError, match=r"JPEG-LS.*\n?.*|pip install pylibjpeg") as info:
-        _pixels(ds, "mr.dcm")
+        decode(ds, "mr.dcm")
     assert "1.2.840.10008.1.2.4.80" in str(info.value) and "pip install pylibjpeg" in str(info.value)
 
 

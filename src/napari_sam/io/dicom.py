@@ -26,20 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ._dicom_pixels import decode, is_colour, number, rescaled, vector, window_of
+from ._dicom_write import write_dicom_series  # noqa: F401  (public here: samples and tests use it)
 from ._geometry import placement
-
-# Transfer syntaxes whose decoders are optional plugins of pydicom, and what to install.
-_DECODERS = {
-    "1.2.840.10008.1.2.4.50": "pylibjpeg pylibjpeg-libjpeg (JPEG baseline)",
-    "1.2.840.10008.1.2.4.51": "pylibjpeg pylibjpeg-libjpeg (JPEG extended)",
-    "1.2.840.10008.1.2.4.57": "pylibjpeg pylibjpeg-libjpeg (JPEG lossless)",
-    "1.2.840.10008.1.2.4.70": "pylibjpeg pylibjpeg-libjpeg (JPEG lossless SV1)",
-    "1.2.840.10008.1.2.4.80": "pylibjpeg pylibjpeg-libjpeg or python-gdcm (JPEG-LS)",
-    "1.2.840.10008.1.2.4.81": "pylibjpeg pylibjpeg-libjpeg or python-gdcm (JPEG-LS)",
-    "1.2.840.10008.1.2.4.90": "pylibjpeg pylibjpeg-openjpeg (JPEG 2000 lossless)",
-    "1.2.840.10008.1.2.4.91": "pylibjpeg pylibjpeg-openjpeg (JPEG 2000)",
-    "1.2.840.10008.1.2.5": "pylibjpeg pylibjpeg-rle or python-gdcm (RLE)",
-}
 
 # Spacing deviations below this fraction are rounding, not irregular geometry.
 _SPACING_TOLERANCE = 0.01
@@ -55,8 +44,9 @@ class DicomVolume:
 
     Attributes
     ----------
-    data : ndarray, (Z, Y, X) or (Y, X)
-        Stored values with the rescale applied (HU for CT): int16 when exact, else float32.
+    data : ndarray, (Z, Y, X) or (Y, X); colour: (Z, Y, X, 3) or (Y, X, 3)
+        Grayscale: stored values with the rescale applied (HU for CT), int16 when exact,
+        else float32. Colour (RGB, YBR, palette): RGB as stored (usually uint8).
     spacing : (dz, dy, dx)
         Millimetres between slices, rows and columns (dz = 1.0 for one slice).
     origin : ndarray (3,)
@@ -79,6 +69,7 @@ class DicomVolume:
     window: tuple[float, float] | None = None
     files: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    rgb: bool = False
 
     @property
     def affine(self) -> np.ndarray:
@@ -95,7 +86,8 @@ class DicomVolume:
         meta = {
             "name": self.series_description or f"{self.modality} series",
             # napari world = patient space (LPS, z y x), as every reader and writer here
-            **placement(self.affine, self.data.ndim),
+            **placement(self.affine, self.data.ndim - self.rgb),
+            "rgb": self.rgb,
             "metadata": {
                 "dicom": {
                     "series_uid": self.series_uid,
@@ -108,7 +100,7 @@ class DicomVolume:
                 }
             },
         }
-        window = self.window or default_window(self.modality, self.data)
+        window = None if self.rgb else self.window or default_window(self.modality, self.data)
         if window is not None:
             c, w = window
             meta["contrast_limits"] = (c - w / 2.0, c + w / 2.0)
@@ -147,35 +139,6 @@ def _candidate_files(path) -> list[str]:
         else:
             files = [str(p)]
     return [f for f in files if is_dicom_file(f)]
-
-
-def _first(value, default=None):
-    return default if value is None else value
-
-
-def _window_of(ds) -> tuple[float, float] | None:
-    c, w = getattr(ds, "WindowCenter", None), getattr(ds, "WindowWidth", None)
-    if c is None or w is None:
-        return None
-    c = c[0] if hasattr(c, "__len__") and not isinstance(c, str) else c
-    w = w[0] if hasattr(w, "__len__") and not isinstance(w, str) else w
-    try:
-        return float(c), float(w)
-    except (TypeError, ValueError):
-        return None
-
-
-def _pixels(ds, path: str) -> np.ndarray:
-    try:
-        return ds.pixel_array
-    except Exception as exc:  # pydicom raises several types for missing decoders / bad data
-        uid = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
-        if uid in _DECODERS:
-            raise ValueError(
-                f"{path}: pixel data is compressed (transfer syntax {uid}) and no decoder is "
-                f"installed; install {_DECODERS[uid]} (e.g. `pip install {_DECODERS[uid].split(' (')[0].split(' or ')[0]}`)"
-            ) from exc
-        raise ValueError(f"{path}: cannot read pixel data ({exc})") from exc
 
 
 def list_series(path) -> dict[str, dict]:
@@ -238,26 +201,29 @@ def read_dicom_series(path, series_uid: str | None = None) -> DicomVolume:
             datasets.append((f, pydicom.dcmread(f)))
         except Exception as exc:
             raise ValueError(f"{f}: not a readable DICOM file ({exc})") from exc
-    if len(datasets) == 1 and int(getattr(datasets[0][1], "NumberOfFrames", 1) or 1) > 1:
+    if len(datasets) == 1 and number(datasets[0][1], "NumberOfFrames", datasets[0][0], 1, int) > 1:
         return _read_multiframe(*datasets[0], series_uid)
     return _read_single_frames(datasets, series_uid)
 
 
-def _orientation(ds) -> tuple[np.ndarray, np.ndarray]:
-    iop = getattr(ds, "ImageOrientationPatient", None)
+def _orientation(ds, path: str) -> tuple[np.ndarray, np.ndarray]:
+    iop = vector(ds, "ImageOrientationPatient", path, 6)
     if iop is None:
         return np.array([1.0, 0, 0]), np.array([0, 1.0, 0])
-    v = np.asarray([float(x) for x in iop])
-    return v[:3] / np.linalg.norm(v[:3]), v[3:] / np.linalg.norm(v[3:])
+    row, col = iop[:3], iop[3:]
+    if np.linalg.norm(row) < 1e-6 or np.linalg.norm(col) < 1e-6:
+        raise ValueError(f"{path}: ImageOrientationPatient has a zero vector ({list(iop)})")
+    return row / np.linalg.norm(row), col / np.linalg.norm(col)
 
 
-def _assemble(slices, positions, row, col, pixel_spacing, meta_ds, series_uid, files) -> DicomVolume:
-    """slices: list of (rescaled float arrays, integer-exact flag)."""
+def _assemble(slices, positions, row, col, pixel_spacing, meta_ds, series_uid, files, *,
+              colour=False, problems=None) -> DicomVolume:
+    """slices: list of (array, integer-exact flag): rescaled grayscale, or RGB as stored."""
     normal = np.cross(row, col)
     proj = np.array([float(np.dot(p, normal)) for p in positions])
     order = np.argsort(proj, kind="stable")
     proj = proj[order]
-    problems = []
+    problems = list(problems or [])
     if len(proj) > 1:
         diffs = np.diff(proj)
         if np.any(diffs < 1e-4):
@@ -276,14 +242,15 @@ def _assemble(slices, positions, row, col, pixel_spacing, meta_ds, series_uid, f
             problems.append(msg)
             warnings.warn(msg, DicomSeriesWarning, stacklevel=3)
     else:
-        dz = float(getattr(meta_ds, "SpacingBetweenSlices", 0) or getattr(meta_ds, "SliceThickness", 0) or 1.0)
+        dz = _declared_spacing(meta_ds, files[0]) or 1.0
     arrays = [slices[i][0] for i in order]
-    exact = all(slices[i][1] for i in order)
     stacked = np.stack(arrays)
-    if exact and stacked.min() >= np.iinfo(np.int16).min and stacked.max() <= np.iinfo(np.int16).max:
-        stacked = stacked.astype(np.int16)
-    else:
-        stacked = stacked.astype(np.float32)
+    if not colour:
+        exact = all(slices[i][1] for i in order)
+        if exact and stacked.min() >= np.iinfo(np.int16).min and stacked.max() <= np.iinfo(np.int16).max:
+            stacked = stacked.astype(np.int16)
+        else:
+            stacked = stacked.astype(np.float32)
     data = stacked if len(arrays) > 1 else stacked[0]
     dy, dx = (float(v) for v in pixel_spacing) if pixel_spacing is not None else (1.0, 1.0)
     return DicomVolume(
@@ -296,46 +263,83 @@ def _assemble(slices, positions, row, col, pixel_spacing, meta_ds, series_uid, f
         modality=str(getattr(meta_ds, "Modality", "")),
         series_uid=series_uid,
         series_description=str(getattr(meta_ds, "SeriesDescription", "")),
-        window=_window_of(meta_ds),
+        window=None if colour else window_of(meta_ds),
         files=[files[i] for i in order],
         warnings=problems,
+        rgb=colour,
     )
 
 
-def _rescaled(pixels: np.ndarray, slope, intercept) -> tuple[np.ndarray, bool]:
-    slope = float(_first(slope, 1.0))
-    intercept = float(_first(intercept, 0.0))
-    values = pixels.astype(np.float64) * slope + intercept
-    # int16 only when every rescaled value is a whole number (HU usually are)
-    exact = bool(np.all(values == np.round(values)))
-    return values, exact
+def _declared_spacing(ds, path) -> float | None:
+    """SpacingBetweenSlices, else SliceThickness (for stacks without positions)."""
+    for keyword in ("SpacingBetweenSlices", "SliceThickness"):
+        value = number(ds, keyword, path)
+        if value:
+            return abs(value)
+    return None
+
+
+def _frame_stack_positions(n, row, col, ds, path, why: str):
+    """Positions for frames that have none: along the normal at the declared spacing."""
+    dz = _declared_spacing(ds, path)
+    origin = vector(ds, "ImagePositionPatient", path, 3)
+    origin = np.zeros(3) if origin is None else origin
+    normal = np.cross(row, col)
+    note = (f"{why}; opened as a stack of {n} frames in stored order, spacing "
+            f"{dz if dz else 1.0:g} mm ({'SpacingBetweenSlices/SliceThickness' if dz else 'none declared: 1'})")
+    warnings.warn(f"{path}: {note}", DicomSeriesWarning, stacklevel=4)
+    return [origin + k * (dz or 1.0) * normal for k in range(n)], note
+
+
+def _plane(px: np.ndarray, colour: bool, path: str) -> np.ndarray:
+    want = 3 if colour else 2
+    if px.ndim != want:
+        kind = "colour (rows, columns, 3)" if colour else "grayscale (rows, columns)"
+        raise ValueError(f"{path}: expected one {kind} image, got pixel array {px.shape}")
+    return px
 
 
 def _read_single_frames(datasets, series_uid) -> DicomVolume:
-    first = datasets[0][1]
-    row, col = _orientation(first)
+    first_path, first = datasets[0]
+    colour = is_colour(first)
+    row, col = _orientation(first, first_path)
+    if any(getattr(ds, "ImagePositionPatient", None) is None for _f, ds in datasets) and len(datasets) > 1:
+        # no positions (secondary capture, ultrasound, scanned images): stored order
+        datasets = sorted(datasets, key=lambda item: number(item[1], "InstanceNumber", item[0], 0, int))
+        positions, note = _frame_stack_positions(len(datasets), row, col, first, first_path,
+                                                 "the images have no ImagePositionPatient")
+        problems = [note]
+    else:
+        positions, problems = [], []
     shape = None
-    slices, positions, files = [], [], []
-    for f, ds in datasets:
-        px = _pixels(ds, f)
-        if px.ndim != 2:
-            raise ValueError(f"{f}: expected a single-frame grayscale image, got pixel array {px.shape}")
+    slices, files = [], []
+    for k, (f, ds) in enumerate(datasets):
+        px = _plane(decode(ds, f), colour, f)
         if shape is None:
             shape = px.shape
         elif px.shape != shape:
             raise ValueError(f"{f}: image size {px.shape} differs from the series' {shape}")
-        r, c = _orientation(ds)
+        r, c = _orientation(ds, f)
         if not (np.allclose(r, row, atol=1e-4) and np.allclose(c, col, atol=1e-4)):
             raise ValueError(f"{f}: orientation differs from the rest of series {series_uid}")
-        ipp = getattr(ds, "ImagePositionPatient", None)
-        if ipp is None:
-            if len(datasets) > 1:
-                raise ValueError(f"{f}: no ImagePositionPatient; cannot order the slices of a series without it")
-            ipp = [0.0, 0.0, 0.0]
-        positions.append(np.array([float(v) for v in ipp]))
-        slices.append(_rescaled(px, getattr(ds, "RescaleSlope", None), getattr(ds, "RescaleIntercept", None)))
+        if not problems:
+            ipp = vector(ds, "ImagePositionPatient", f, 3)
+            positions.append(np.zeros(3) if ipp is None else ipp)
+        if colour:
+            slices.append((px, True))
+        else:
+            slices.append(rescaled(px, number(ds, "RescaleSlope", f), number(ds, "RescaleIntercept", f)))
         files.append(f)
-    return _assemble(slices, positions, row, col, getattr(first, "PixelSpacing", None), first, series_uid, files)
+    return _assemble(slices, positions, row, col, _pixel_spacing(first, first_path), first, series_uid, files,
+                     colour=colour, problems=problems)
+
+
+def _pixel_spacing(ds, path):
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = vector(ds, keyword, path, 2)
+        if value is not None:
+            return value
+    return None
 
 
 def _group(ds, frame_index: int, name: str):
@@ -350,28 +354,39 @@ def _group(ds, frame_index: int, name: str):
 
 
 def _read_multiframe(path, ds, series_uid) -> DicomVolume:
-    px = _pixels(ds, path)
-    n = int(ds.NumberOfFrames)
-    if px.shape[0] != n or px.ndim != 3:
-        raise ValueError(f"{path}: expected {n} grayscale frames, got pixel array {px.shape}")
+    px = decode(ds, path)
+    n = number(ds, "NumberOfFrames", path, 1, int)
+    colour = is_colour(ds)
+    if px.shape[0] != n or px.ndim != (4 if colour else 3):
+        kind = "colour" if colour else "grayscale"
+        raise ValueError(f"{path}: expected {n} {kind} frames, got pixel array {px.shape}")
     orient = _group(ds, 0, "PlaneOrientationSequence")
-    if orient is not None:
-        row, col = _orientation(orient)
-    else:
-        row, col = _orientation(ds)
+    row, col = _orientation(orient if orient is not None else ds, path)
     measures = _group(ds, 0, "PixelMeasuresSequence")
-    spacing = getattr(measures, "PixelSpacing", None) if measures is not None else getattr(ds, "PixelSpacing", None)
-    slices, positions = [], []
+    spacing = _pixel_spacing(measures if measures is not None else ds, path)
+    frame_positions = []
     for i in range(n):
         pos = _group(ds, i, "PlanePositionSequence")
-        if pos is None or not hasattr(pos, "ImagePositionPatient"):
-            raise ValueError(f"{path}: frame {i} has no PlanePositionSequence/ImagePositionPatient")
-        positions.append(np.array([float(v) for v in pos.ImagePositionPatient]))
+        frame_positions.append(None if pos is None else vector(pos, "ImagePositionPatient", path, 3))
+    problems = []
+    if any(p is None for p in frame_positions):
+        why = "frames have no positions (PlanePositionSequence)"
+        if colour or str(getattr(ds, "Modality", "")).upper() in ("US", "XA", "RF", "ES", "XC"):
+            why += ": a time series (cine)"
+        positions, note = _frame_stack_positions(n, row, col, measures if measures is not None else ds, path, why)
+        problems.append(note)
+    else:
+        positions = frame_positions
+    slices = []
+    for i in range(n):
+        if colour:
+            slices.append((px[i], True))
+            continue
         tr = _group(ds, i, "PixelValueTransformationSequence")
-        slope = getattr(tr, "RescaleSlope", None) if tr is not None else getattr(ds, "RescaleSlope", None)
-        intercept = getattr(tr, "RescaleIntercept", None) if tr is not None else getattr(ds, "RescaleIntercept", None)
-        slices.append(_rescaled(px[i], slope, intercept))
-    vol = _assemble(slices, positions, row, col, spacing, ds, series_uid, [path] * n)
+        source = tr if tr is not None else ds
+        slices.append(rescaled(px[i], number(source, "RescaleSlope", path), number(source, "RescaleIntercept", path)))
+    vol = _assemble(slices, positions, row, col, spacing, ds, series_uid, [path] * n, colour=colour,
+                    problems=problems)
     vol.files = [path]
     return vol
 
@@ -424,49 +439,7 @@ def _read_layers(path):
         else:
             vol = read_dicom_series(path, series_uid=uid)
             layers.append((vol.data, vol.layer_metadata(), "image"))
+    if not layers:
+        raise ValueError(f"{path}: no DICOM image or segmentation here (only objects without pixel data, "
+                         "e.g. structured reports, RT plans or presentation states)")
     return layers
-
-
-def write_dicom_series(folder, hu: np.ndarray, *, spacing=(2.5, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
-                       description: str = "CT phantom", modality: str = "CT") -> list[str]:
-    """Write a (Z, Y, X) HU volume as an axial single-frame CT series (one file a slice).
-
-    Used for the bundled sample; the files carry the patient/study/series modules that
-    viewers and DICOM-SEG export expect. Returns the file paths in slice order.
-    """
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    hu = np.asarray(hu)
-    if hu.ndim != 3:
-        raise ValueError(f"a DICOM series needs a 3D volume; got shape {hu.shape}")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
-    dz, dy, dx = (float(v) for v in spacing)
-    paths = []
-    for z, plane in enumerate(hu):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
-        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Phantom^CT", "PHANTOM", "", "O"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.StudyID, ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "", "", "", ""
-        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = modality, 1, z + 1
-        ds.SeriesDescription, ds.Manufacturer = description, "napari-sam-labeler (synthetic)"
-        ds.ImagePositionPatient = [float(origin[0]), float(origin[1]), float(origin[2]) + z * dz]
-        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-        ds.PixelSpacing, ds.SliceThickness = [dy, dx], dz
-        ds.Rows, ds.Columns = plane.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleSlope, ds.RescaleIntercept = 1.0, -1024.0
-        ds.WindowCenter, ds.WindowWidth = 40.0, 400.0
-        ds.PixelData = (np.round(plane) + 1024).astype(np.int16).tobytes()
-        path = folder / f"CT{z + 1:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(str(path))
-    return paths
