@@ -45,6 +45,9 @@ class LabelerState(QObject):
     propagated = Signal(object)
     #: one line for the dock's status label
     status_changed = Signal(str)
+    #: the signals the dock widget offers scripts and tests
+    PUBLIC_SIGNALS = ("embedding_ready", "preview_ready", "committed", "embedding_cancelled",
+                      "stack_embedded", "propagated")
 
     def __init__(self, viewer, parent=None):
         super().__init__(parent)

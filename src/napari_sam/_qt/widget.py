@@ -16,7 +16,7 @@ restores the layer exactly. A new action (segment everything, fine-tune) is one 
 from __future__ import annotations
 
 from napari.layers import Image, Labels
-from qtpy.QtCore import Qt, Signal
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QFrame, QLabel, QScrollArea, QVBoxLayout, QWidget
 
 from .labels_panel import LabelsPanel
@@ -29,28 +29,19 @@ __all__ = ["LABELS_NAME", "SamLabelerWidget"]
 
 
 class SamLabelerWidget(QWidget):
-    """Click points / draw boxes → live SAM mask → commit into a Labels layer."""
+    """Click points / draw boxes → live SAM mask → commit into a Labels layer.
 
-    #: an ImageEmbedding is ready for the current image/slice
-    embedding_ready = Signal(object)
-    #: a preview was decoded: list of Prediction, one per object
-    preview_ready = Signal(object)
-    #: a commit was written: annotate.CommitPlan
-    committed = Signal(object)
-    #: encoding stopped by the user
-    embedding_cancelled = Signal()
-    #: "Embed stack" finished: (slices cached, slices in the stack)
-    stack_embedded = Signal(object)
-    #: "Propagate" finished and was written: PropagationSummary
-    propagated = Signal(object)
+    Signals (the shared state's, also reachable here): ``embedding_ready``,
+    ``preview_ready``, ``committed``, ``embedding_cancelled``, ``stack_embedded``,
+    ``propagated`` (see :class:`~.state.LabelerState`).
+    """
 
     def __init__(self, napari_viewer, parent=None):
         super().__init__(parent)
         self.viewer = napari_viewer
         self.state = LabelerState(napari_viewer, parent=self)
-        for name in ("embedding_ready", "preview_ready", "committed", "embedding_cancelled",
-                     "stack_embedded", "propagated"):
-            getattr(self.state, name).connect(getattr(self, name))
+        for name in LabelerState.PUBLIC_SIGNALS:
+            setattr(self, name, getattr(self.state, name))
         # prompts before labels: the labels panel's Clear button is the prompts' action
         self.model = ModelPanel(self.state, self)
         self.prompts = PromptPanel(self.state, self)
