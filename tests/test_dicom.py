@@ -13,12 +13,8 @@ from pydicom.data import get_testdata_file  # noqa: E402
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
-from napari_sam.io.dicom import (  # noqa: E402
-    DicomSeriesWarning,
-    list_series,
-    napari_get_reader,
-    read_dicom_series,
-)
+from napari_sam.io.dicom import DicomSeriesWarning, list_series, read_dicom_series  # noqa: E402
+from napari_sam.io.study import napari_get_reader  # noqa: E402
 
 
 def oblique_axes(angle_deg=30.0):

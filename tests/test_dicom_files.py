@@ -16,7 +16,8 @@ pydicom = pytest.importorskip("pydicom")
 from pydicom.data import get_testdata_file, get_testdata_files  # noqa: E402
 from pydicom.pixels import apply_color_lut, convert_color_space, pixel_array  # noqa: E402
 
-from napari_sam.io.dicom import _read_layers, napari_get_reader, read_dicom_series  # noqa: E402
+from napari_sam.io.dicom import read_dicom_series  # noqa: E402
+from napari_sam.io.study import _read_layers, napari_get_reader  # noqa: E402
 
 
 def _layers(path):

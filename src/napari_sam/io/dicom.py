@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,9 +158,23 @@ def list_series(path) -> dict[str, dict]:
             "description": str(getattr(ds, "SeriesDescription", "")),
             "modality": str(getattr(ds, "Modality", "")),
             "files": [],
+            "geometry": {},
         })
         entry["files"].append(f)
+        entry["geometry"][f] = _geometry_key(ds, f)
     return series
+
+
+def _geometry_key(ds, path):
+    """Files that can stack together share this: orientation, size, single frames."""
+    iop = getattr(ds, "ImageOrientationPatient", None)
+    try:
+        orientation = tuple(round(float(v), 3) for v in iop) if iop is not None else None
+    except (TypeError, ValueError):
+        orientation = "malformed"
+    frames = str(getattr(ds, "NumberOfFrames", "1") or "1")
+    return (orientation, str(getattr(ds, "Rows", "")), str(getattr(ds, "Columns", "")),
+            path if frames not in ("1", "") else "")
 
 
 def read_dicom_series(path, series_uid: str | None = None) -> DicomVolume:
@@ -389,57 +402,3 @@ def _read_multiframe(path, ds, series_uid) -> DicomVolume:
                     problems=problems)
     vol.files = [path]
     return vol
-
-
-def napari_get_reader(path):
-    """npe2 reader hook: a reader for DICOM files/folders, None for anything else."""
-    paths = path if isinstance(path, (list, tuple)) else [path]
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            if not any(is_dicom_file(f) for f in _iter_limited(p)):
-                return None
-        elif not is_dicom_file(p):
-            return None
-    return _read_layers
-
-
-def _iter_limited(folder: Path, limit: int = 200) -> Iterable[Path]:
-    for i, f in enumerate(folder.rglob("*")):
-        if i >= limit:
-            return
-        if f.is_file():
-            yield f
-
-
-def _seg_neighbours(path) -> list[str]:
-    """Where a SEG's source series may be: what was opened, or the SEG file's own folder."""
-    if isinstance(path, (list, tuple)):
-        return _candidate_files(path)
-    p = Path(path)
-    if p.is_dir():
-        return _candidate_files(p)
-    return [str(f) for f in sorted(p.parent.iterdir()) if f.is_file() and is_dicom_file(f)]
-
-
-def _read_layers(path):
-    """Every series at ``path`` as a layer: images as image layers, DICOM-SEG objects as
-    labels layers in patient space (io/seg.py). Irregular geometry is reported through
-    DicomSeriesWarning, which napari shows as a notification."""
-    from .seg import read_seg
-
-    layers = []
-    for uid, info in list_series(path).items():
-        if info["modality"].upper() == "SEG":
-            candidates = _seg_neighbours(path)
-            for f in info["files"]:
-                vol = read_seg(f, source_files=[c for c in candidates if c not in info["files"]])
-                name = info["description"] or Path(f).stem
-                layers.append((vol.labels, vol.layer_metadata(name), "labels"))
-        else:
-            vol = read_dicom_series(path, series_uid=uid)
-            layers.append((vol.data, vol.layer_metadata(), "image"))
-    if not layers:
-        raise ValueError(f"{path}: no DICOM image or segmentation here (only objects without pixel data, "
-                         "e.g. structured reports, RT plans or presentation states)")
-    return layers
