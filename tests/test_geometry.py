@@ -182,3 +182,56 @@ def test_widget_on_an_oblique_series_prompts_what_is_on_screen(make_napari_viewe
     assert set(np.flatnonzero(np.asarray(labels.data).reshape(len(hu), -1).any(axis=1))) == {k}
     for zyx in [(0, 0, 0), (5, 39, 47), (k, r, c)]:
         np.testing.assert_allclose(world(labels, zyx), world(image, zyx), atol=1e-6)
+
+
+def write_tilted_ct(folder, n=5, tilt_deg=15.0):
+    """5 CT slices with gantry tilt: the table steps 5 mm along z, the images are tilted."""
+    from pydicom.uid import generate_uid
+
+    from test_dicom import make_slice
+
+    folder.mkdir(parents=True, exist_ok=True)
+    t = np.deg2rad(tilt_deg)
+    row, col = np.array([1.0, 0.0, 0.0]), np.array([0.0, np.cos(t), -np.sin(t)])
+    uid = generate_uid()
+    rng = np.random.default_rng(4)
+    hu = rng.integers(-1000, 1000, (n, 10, 12)).astype(float)
+    hu -= hu % 2
+    for k in range(n):
+        ds = make_slice(hu[k], (-20.0, -16.0, 5.0 * k), row, col, (0.8, 0.6), 1.0, -1024.0, uid, instance=k + 1)
+        ds.save_as(folder / f"T{k}", enforce_file_format=True)
+    return hu
+
+
+def test_gantry_tilt_every_slice_at_its_own_position(make_napari_viewer, tmp_path):
+    """Issue 19.2: slice 4 belongs at (-20, -16, 20), not (-20, -11, 18.66); spacing 5.0, not 4.83;
+    in napari, in the NIfTI export (nibabel) and in the SEG export reopened alone."""
+    from napari_sam._qt.placement import placement
+    from napari_sam.io.dicom import DicomSeriesWarning
+    from napari_sam.io.seg import write_dicom_seg
+
+    hu = write_tilted_ct(tmp_path / "tilt")
+    viewer = make_napari_viewer()
+    with pytest.warns(DicomSeriesWarning, match="15.00 degrees"):
+        (layer,) = viewer.open(str(tmp_path / "tilt"), plugin="napari-sam-labeler")
+    np.testing.assert_array_equal(np.asarray(layer.data), hu)
+    assert layer.metadata["dicom"]["spacing_zyx"][0] == pytest.approx(5.0)
+    for k in range(5):
+        np.testing.assert_allclose(world(layer, (k, 0, 0)), (5.0 * k, -16.0, -20.0), atol=0.01)
+    labels = np.zeros(hu.shape, np.uint8)
+    labels[1:4, 2:6, 3:8] = 1
+    labels_layer = viewer.add_labels(labels, **placement(layer), metadata=dict(layer.metadata))
+    viewer.layers.selection = {labels_layer}
+    nii = tmp_path / "tilt_labels.nii.gz"
+    viewer.layers.save(str(nii), selected=True, plugin="napari-sam-labeler")
+    img = nib.load(str(nii))
+    for k in range(5):
+        ras = img.affine @ [0, 0, k, 1]
+        np.testing.assert_allclose([-ras[0], -ras[1], ras[2]], (-20.0, -16.0, 5.0 * k), atol=0.01)
+    seg_dir = tmp_path / "seg_alone"
+    seg_dir.mkdir()
+    seg = write_dicom_seg(seg_dir / "tilt_seg.dcm", labels, layer.metadata["dicom"]["files"])
+    (back,) = viewer.open(seg, plugin="napari-sam-labeler")
+    np.testing.assert_array_equal(np.asarray(back.data), labels)
+    for k in range(5):
+        np.testing.assert_allclose(world(back, (k, 0, 0)), (5.0 * k, -16.0, -20.0), atol=0.01)

@@ -75,6 +75,19 @@ def placement(affine_lps: np.ndarray, ndim: int = 3) -> dict:
     return {"scale": tuple(float(s) for s in spacing), "affine": rotation}
 
 
+def slice_step(positions: np.ndarray, normal: np.ndarray) -> tuple[np.ndarray, float]:
+    """The step from one slice to the next, and its angle to the slice normal in degrees.
+
+    ``positions`` (N >= 2, LPS) are sorted along ``normal``. A CT with gantry tilt (or any
+    sheared stack) steps along the table, not along the normal: the step, not the normal
+    times the gap, is what places every slice at its own ImagePositionPatient.
+    """
+    step = np.median(np.diff(np.asarray(positions, float), axis=0), axis=0)
+    length = float(np.linalg.norm(step))
+    cos = min(1.0, abs(float(step @ normal)) / length) if length else 1.0
+    return step, float(np.degrees(np.arccos(cos)))
+
+
 def _shear_matrix(shear, n: int) -> np.ndarray:
     shear = np.asarray(shear, float)
     if shear.ndim == 2:

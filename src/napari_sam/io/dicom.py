@@ -27,10 +27,12 @@ import numpy as np
 
 from ._dicom_pixels import decode, is_colour, number, rescaled, vector, window_of
 from ._dicom_write import write_dicom_series  # noqa: F401  (public here: samples and tests use it)
-from ._geometry import placement
+from ._geometry import placement, slice_step
 
 # Spacing deviations below this fraction are rounding, not irregular geometry.
 _SPACING_TOLERANCE = 0.01
+# Slice steps further than this from the normal are a tilt/shear worth telling the user.
+_TILT_TOLERANCE_DEG = 0.01
 
 
 class DicomSeriesWarning(UserWarning):
@@ -51,7 +53,9 @@ class DicomVolume:
     origin : ndarray (3,)
         Patient position (LPS, mm) of the first voxel of the first slice.
     row_direction, column_direction, slice_direction : ndarray (3,)
-        Unit vectors (LPS) of increasing column index, row index and slice index.
+        Unit vectors (LPS) of increasing column index, row index and slice index. The slice
+        direction is the step between slice positions: the normal of the images, except for
+        gantry-tilted or sheared stacks, where it holds the shear.
     affine : ndarray (4, 4)
         Maps (slice, row, column, 1) indices to LPS millimetres.
     """
@@ -245,17 +249,26 @@ def _assemble(slices, positions, row, col, pixel_spacing, meta_ds, series_uid, f
                 f"two slices share a position (e.g. {dup}); the series mixes acquisitions or "
                 "echoes: split it (or choose files) before reading"
             )
-        dz = float(np.median(diffs))
-        if np.max(np.abs(diffs - dz)) > _SPACING_TOLERANCE * dz:
-            gaps = [f"{proj[i]:.2f}->{proj[i + 1]:.2f} mm" for i in np.flatnonzero(diffs > 1.5 * dz)]
-            msg = (f"irregular slice spacing in series {series_uid}: median {dz:.3f} mm, "
+        gap = float(np.median(diffs))
+        if np.max(np.abs(diffs - gap)) > _SPACING_TOLERANCE * gap:
+            gaps = [f"{proj[i]:.2f}->{proj[i + 1]:.2f} mm" for i in np.flatnonzero(diffs > 1.5 * gap)]
+            msg = (f"irregular slice spacing in series {series_uid}: median {gap:.3f} mm, "
                    f"range {diffs.min():.3f}-{diffs.max():.3f} mm")
             if gaps:
                 msg += f"; missing slice(s) between {', '.join(gaps)}"
             problems.append(msg)
             warnings.warn(msg, DicomSeriesWarning, stacklevel=3)
+        step, tilt = slice_step([positions[i] for i in order], normal)
+        dz = float(np.linalg.norm(step))
+        direction = step / dz
+        if tilt > _TILT_TOLERANCE_DEG:
+            note = (f"slices step {dz:.3f} mm at {tilt:.2f} degrees to the slice normal (gantry tilt or a "
+                    "sheared stack): the placement holds the shear, every slice sits at its own position")
+            problems.append(note)
+            warnings.warn(note, DicomSeriesWarning, stacklevel=3)
     else:
         dz = _declared_spacing(meta_ds, files[0]) or 1.0
+        direction = normal
     arrays = [slices[i][0] for i in order]
     stacked = np.stack(arrays)
     if not colour:
@@ -272,7 +285,7 @@ def _assemble(slices, positions, row, col, pixel_spacing, meta_ds, series_uid, f
         origin=np.asarray(positions[order[0]], float),
         row_direction=row,
         column_direction=col,
-        slice_direction=normal,
+        slice_direction=direction,
         modality=str(getattr(meta_ds, "Modality", "")),
         series_uid=series_uid,
         series_description=str(getattr(meta_ds, "SeriesDescription", "")),

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._fileio import atomic_write
-from ._geometry import as_volume, placement
+from ._geometry import as_volume, placement, slice_step
 
 SEG_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")  # binary/fractional, label map
 
@@ -216,6 +216,23 @@ def _source_grid(seg, candidates: Sequence[str]):
     return found
 
 
+def _frame_step(positions, proj, normal, measures) -> np.ndarray:
+    """Slice step of a SEG's own frames: between the two nearest distinct frame positions
+    (which keeps a gantry tilt), shortened when SpacingBetweenSlices says slices are missing
+    between them; the declared spacing (or 1) along the normal when all frames share a plane."""
+    declared = float(getattr(measures, "SpacingBetweenSlices", 0) or 0) if measures is not None else 0.0
+    order = np.argsort(proj, kind="stable")
+    distinct = [order[0]] + [j for i, j in zip(order[:-1], order[1:]) if proj[j] - proj[i] > 1e-4]
+    if len(distinct) < 2:
+        return normal * (declared or float(getattr(measures, "SliceThickness", 1) or 1))
+    gaps = [(proj[b] - proj[a], a, b) for a, b in zip(distinct[:-1], distinct[1:])]
+    gap, a, b = min(gaps)
+    step = positions[b] - positions[a]
+    if declared and gap > 1.5 * declared:
+        step = step * (declared / gap)
+    return step
+
+
 def read_seg(path, source_files: Sequence[str] | None = None) -> SegVolume:
     """Read a DICOM-SEG (binary or fractional) into a labels volume in patient space.
 
@@ -259,19 +276,17 @@ def read_seg(path, source_files: Sequence[str] | None = None) -> SegVolume:
         files = sorted(source, key=lambda f: float(source[f] @ normal))
         grid = np.array([float(source[f] @ normal) for f in files])
         origin = source[files[0]]
-        dz = float(np.median(np.diff(grid))) if len(grid) > 1 else 1.0
+        step = slice_step([source[f] for f in files], normal)[0] if len(files) > 1 else normal
         index = [int(np.argmin(np.abs(grid - d))) for d in proj]
         depth = len(files)
     else:
         files = []
-        spacing = float(getattr(measures, "SpacingBetweenSlices", 0) or 0) if measures is not None else 0.0
-        gaps = np.diff(np.unique(np.round(proj, 4)))
-        dz = spacing or (float(gaps.min()) if len(gaps) else float(getattr(measures, "SliceThickness", 1) or 1))
+        step = _frame_step(positions, proj, normal, measures)
         origin = positions[int(np.argmin(proj))]
-        index = [int(np.round((d - proj.min()) / dz)) for d in proj]
+        index = [int(np.round((d - proj.min()) / float(step @ normal))) for d in proj]
         depth = max(index) + 1
     affine = np.eye(4)
-    affine[:3, 0], affine[:3, 1], affine[:3, 2], affine[:3, 3] = normal * dz, col * dy, row * dx, origin
+    affine[:3, 0], affine[:3, 1], affine[:3, 2], affine[:3, 3] = step, col * dy, row * dx, origin
     names, ids = {}, {}
     for desc in seg.SegmentSequence:
         number = int(desc.SegmentNumber)
