@@ -52,7 +52,9 @@ def test_npe2_writer_uses_the_layer_source(series, labels, tmp_path):
     back, names = read_dicom_seg(path, series.files)
     np.testing.assert_array_equal(back, labels)
     assert names == {4: "label 4", 17: "label 17"}
-    with pytest.raises(ValueError, match="no DICOM source series"):
+    from napari_sam._fileio import LabelsWriteError
+
+    with pytest.raises(LabelsWriteError, match="no DICOM source series"):
         napari_write_labels(str(tmp_path / "x.dcm"), labels, {"name": "plain"})
 
 

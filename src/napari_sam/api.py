@@ -20,7 +20,7 @@ import numpy as np
 
 from . import annotate
 from . import preprocess as pp
-from ._fileio import atomic_write
+from ._fileio import atomic_write, storable_labels
 from .cache import CacheStats, EmbeddingCache
 from .checkpoints import DEFAULT_MODEL, MODEL_ENV, ModelNotFoundError, hub_cache_path, resolve_model_source
 from .engine import SamEngine, load_model
@@ -124,6 +124,7 @@ def write_labels_tiff(path: str | os.PathLike, labels: np.ndarray, *, overwrite:
         raise FileExistsError(f"{path} exists; choose another name or allow overwriting")
     if not path.parent.exists():
         raise FileNotFoundError(f"output folder does not exist: {path.parent}")
+    labels = storable_labels(labels, f"labels TIFF {path}")
     with atomic_write(path) as tmp:
         tifffile.imwrite(tmp, labels, compression="zlib", metadata={"axes": "YX" if labels.ndim == 2 else "ZYX"})
     return path

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._fileio import atomic_write
+from .._fileio import atomic_write, storable_labels, napari_writer
 from ._geometry import affine_from_layer_meta, as_volume, lps_zyx_to_ras_ijk, placement, ras_ijk_to_lps_zyx
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -34,7 +34,7 @@ def write_nifti(path, data: np.ndarray, affine_lps: np.ndarray, *, labels: bool 
     temporary name and renamed into place.
     """
     nib = _nibabel()
-    data = as_volume(data, "NIfTI export")
+    data = as_volume(storable_labels(data, f"NIfTI labels {path}") if labels else data, "NIfTI export")
     img = nib.Nifti1Image(np.ascontiguousarray(data.transpose(2, 1, 0)), lps_zyx_to_ras_ijk(affine_lps))
     if labels:
         img.header.set_intent("label")
@@ -77,6 +77,7 @@ def _read_layers(path):
     return [(data, meta, "labels" if is_labels else "image")]
 
 
+@napari_writer
 def napari_write_labels(path: str, data, meta: dict) -> list[str]:
     """npe2 writer: a labels layer → NIfTI with the source geometry."""
     return [write_nifti(path, np.asarray(data), affine_from_layer_meta(meta, np.ndim(data)), labels=True)]

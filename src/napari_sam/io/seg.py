@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .._fileio import atomic_write
+from .._fileio import atomic_write, storable_labels, napari_writer
 from ._geometry import as_volume, placement, slice_step
 
 SEG_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")  # binary/fractional, label map
@@ -56,7 +56,7 @@ def write_dicom_seg(
     hd = _highdicom()
     from .._version import __version__
 
-    labels = as_volume(labels, "DICOM-SEG export")
+    labels = as_volume(storable_labels(labels, f"DICOM-SEG {path}"), "DICOM-SEG export")
     files = list(source_files)
     if len(files) != labels.shape[0]:
         raise ValueError(
@@ -323,6 +323,7 @@ def read_dicom_seg(path, source_files: Sequence[str]) -> tuple[np.ndarray, dict[
     return vol.labels[wanted], vol.names
 
 
+@napari_writer
 def napari_write_labels(path: str, data, meta: dict) -> list[str]:
     """npe2 writer: a labels layer drawn on a DICOM series → DICOM-SEG referencing it."""
     dicom = (meta.get("metadata") or {}).get("dicom") or {}

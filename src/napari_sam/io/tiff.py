@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._fileio import atomic_write
+from .._fileio import atomic_write, storable_labels, napari_writer
 
 
 def write_ome_tiff(path, data, *, spacing_zyx=(1.0, 1.0, 1.0), axes: str | None = None, unit: str = "µm") -> str:
@@ -67,10 +67,11 @@ def read_tiff(path):
     return data, axes, scale
 
 
+@napari_writer
 def napari_write_labels(path: str, data, meta: dict) -> list[str]:
     """npe2 writer: a labels layer → OME-TIFF with the layer's scale as physical size."""
     scale = tuple(meta.get("scale") or (1.0,) * np.ndim(data))
-    return [write_ome_tiff(path, np.asarray(data), spacing_zyx=scale)]
+    return [write_ome_tiff(path, storable_labels(data, f"OME-TIFF labels {path}"), spacing_zyx=scale)]
 
 
 def napari_get_reader(path):
