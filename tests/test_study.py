@@ -92,3 +92,38 @@ def test_nothing_readable_is_one_clear_error(tmp_path):
         with pytest.raises(ValueError, match="cannot read pixel data") as info:
             _read_layers(str(folder))
     assert "\n" not in str(info.value)
+
+
+def write_cr_monochrome1(path):
+    """A CR radiograph stored as MONOCHROME1: low values are white (bone 500, air 3000)."""
+    ds = make_slice(np.where(np.arange(32)[None, :] < 16, 500.0, 3000.0).repeat(24, axis=0),
+                    (0.0, 0.0, 0.0), np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), (0.2, 0.2), 1.0, 0.0,
+                    generate_uid(), instance=1, modality="CR")
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.WindowCenter, ds.WindowWidth = 1750.0, 3000.0
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_monochrome1_is_shown_and_given_to_sam_as_read(make_napari_viewer, qtbot, tmp_path, tiny_sam_dir):
+    """Issue 19.5: stored values unchanged; display inverted (gray_r); SAM's input is bright on
+    bone and dark on air (before: bone 21, air 234)."""
+    from napari_sam.preprocess import to_rgb_uint8
+
+    write_cr_monochrome1(tmp_path / "cr.dcm")
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(str(tmp_path / "cr.dcm"), plugin="napari-sam-labeler")
+    assert layer.data[0, 0] == 500 and layer.data[0, -1] == 3000  # values as stored
+    assert layer.colormap.name == "gray_r"
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-sam-labeler")
+    widget.model.model_edit.setText(str(tiny_sam_dir))
+    widget.model.device_combo.setCurrentText("cpu")
+    with qtbot.waitSignal(widget.embedding_ready, timeout=60_000):
+        widget.compute_embedding()
+    sam_input = to_rgb_uint8(np.asarray(layer.data), widget.state.mappings[layer.unique_id])
+    assert sam_input[0, 0, 0] > 200 and sam_input[0, -1, 0] < 60, (sam_input[0, 0], sam_input[0, -1])
+    widget.model.contrast_combo.setCurrentText("custom window")  # a chosen window is inverted too
+    widget.model.center_spin.setValue(1750.0)
+    widget.model.width_spin.setValue(3000.0)
+    widget.model.on_contrast_changed()
+    sam_input = to_rgb_uint8(np.asarray(layer.data), widget.state.mappings[layer.unique_id])
+    assert sam_input[0, 0, 0] > 200 and sam_input[0, -1, 0] < 60

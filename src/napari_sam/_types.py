@@ -36,6 +36,9 @@ class IntensityMapping:
         composite for other channel counts).
     label : str
         Human readable origin, e.g. ``"lung W1500/L-600"`` or ``"p0.5-p99.5"``.
+    invert : bool
+        Bright where the stored values are low (DICOM MONOCHROME1: X-ray, CR/DX), so that
+        SAM sees bone bright and air dark, as radiographs are read.
     """
 
     mode: str
@@ -43,12 +46,13 @@ class IntensityMapping:
     highs: tuple[float, ...] = ()
     channel: int | None = None
     label: str = ""
+    invert: bool = False
 
     def key(self) -> str:
         """Stable text for cache keys (exact float repr, no locale)."""
         lows = ",".join(repr(float(v)) for v in self.lows)
         highs = ",".join(repr(float(v)) for v in self.highs)
-        return f"{self.mode}|{lows}|{highs}|{self.channel}"
+        return f"{self.mode}|{lows}|{highs}|{self.channel}" + ("|invert" if self.invert else "")
 
 
 @dataclass(frozen=True)

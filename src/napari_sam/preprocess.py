@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from dataclasses import replace
+
 import numpy as np
 
 from ._types import IntensityMapping, ModelInputSpec
@@ -109,6 +111,7 @@ def resolve_intensity(
     percentiles: tuple[float, float] | None = None,
     channel: int | None = None,
     multichannel: bool | None = None,
+    invert: bool = False,
 ) -> IntensityMapping:
     """Decide how ``data`` maps to SAM's uint8 input.
 
@@ -130,11 +133,18 @@ def resolve_intensity(
     multichannel : bool, optional
         Whether the last axis is channels. Default: guessed as ``ndim`` 3 with at most
         16 entries on the last axis for a 2D image; pass it explicitly for volumes.
+    invert : bool
+        Map low values to bright (DICOM MONOCHROME1 radiographs).
 
     Returns
     -------
     IntensityMapping
     """
+    mapping = _resolve(data, window, preset, percentiles, channel, multichannel)
+    return replace(mapping, invert=True) if invert else mapping
+
+
+def _resolve(data, window, preset, percentiles, channel, multichannel) -> IntensityMapping:
     data = _check_array(data, "image")
     if window is not None and preset is not None:
         raise ValueError("give either window or preset, not both")
@@ -260,6 +270,8 @@ def to_rgb_uint8(image, mapping: IntensityMapping) -> np.ndarray:
                     f"the image has {len(chans)} channels"
                 )
             out.append(_scale_to_uint8(ch, mapping.lows[j], mapping.highs[j]))
+    if mapping.invert:
+        out = [255 - channel for channel in out]
     return np.ascontiguousarray(_composite(out))
 
 

@@ -140,7 +140,8 @@ class ModelPanel(QGroupBox):
         else:
             preset = self.contrast_combo.currentData()
             choice = {"preset": preset} if preset else {"window": window}
-            state.mappings[uid] = resolve_intensity(layer.data, multichannel=layer.rgb, **choice)
+            state.mappings[uid] = resolve_intensity(layer.data, multichannel=layer.rgb, **choice,
+                                                    **state.intensity_options(layer))
             center, width = window
             if not layer.rgb:
                 layer.contrast_limits = (center - width / 2.0, center + width / 2.0)
@@ -176,6 +177,7 @@ class ModelPanel(QGroupBox):
         engine = state.engine
         mapping = state.mappings.get(layer.unique_id)
         data, rgb = layer.data, layer.rgb
+        options = state.intensity_options(layer)
         key = state.embedding_key(layer, z)
         cache = state.cache
 
@@ -186,7 +188,7 @@ class ModelPanel(QGroupBox):
                 engine = load_engine(requested)
             if mapping is None:
                 # A volume gets one mapping over all slices: same contrast on every slice.
-                mapping = resolve_intensity(data, multichannel=rgb)
+                mapping = resolve_intensity(data, multichannel=rgb, **options)
             image = np.asarray(data if z is None else data[z])
             steps = embed_cached_steps(engine, image, mapping=mapping, cache=cache)
             while True:

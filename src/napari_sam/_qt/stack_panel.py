@@ -80,13 +80,14 @@ class StackPanel(QGroupBox):
         state = self.state
         engine, mapping = state.engine, state.mappings.get(layer.unique_id)
         data, uid = layer.data, layer.unique_id
+        options = state.intensity_options(layer)
 
         def work():
             loaded = engine
             if loaded is None:
                 yield ("Loading model …", 0, 1)
                 loaded = load_engine(requested)
-            stack = Stack(data, mapping=mapping)
+            stack = Stack(data, mapping=mapping, **({} if mapping is not None else options))
             result = yield from body(loaded, stack)
             return loaded, stack.mapping, result
 

@@ -119,6 +119,13 @@ class LabelerState(QObject):
         return None
 
     @staticmethod
+    def intensity_options(layer: Image) -> dict:
+        """What the layer's source says about SAM's input: MONOCHROME1 radiographs are
+        inverted (bone bright, air dark), as the reader shows them."""
+        dicom = (layer.metadata or {}).get("dicom") or {}
+        return {"invert": True} if str(dicom.get("photometric", "")).upper() == "MONOCHROME1" else {}
+
+    @staticmethod
     def spatial_shape(layer: Image) -> tuple[int, ...]:
         shape = tuple(layer.data.shape)
         return shape[:-1] if layer.rgb else shape

@@ -73,6 +73,7 @@ class DicomVolume:
     files: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     rgb: bool = False
+    photometric: str = ""
 
     @property
     def affine(self) -> np.ndarray:
@@ -100,9 +101,14 @@ class DicomVolume:
                     "spacing_zyx": list(self.spacing),
                     "files": list(self.files),
                     "warnings": list(self.warnings),
+                    "photometric": self.photometric,
                 }
             },
         }
+        if self.photometric == "MONOCHROME1":
+            # low values are white (radiographs): shown as the standard says, values untouched;
+            # the SAM Labeler inverts SAM's input the same way
+            meta["colormap"] = "gray_r"
         window = None if self.rgb else self.window or default_window(self.modality, self.data)
         if window is not None:
             c, w = window
@@ -293,6 +299,7 @@ def _assemble(slices, positions, row, col, pixel_spacing, meta_ds, series_uid, f
         files=[files[i] for i in order],
         warnings=problems,
         rgb=colour,
+        photometric=str(getattr(meta_ds, "PhotometricInterpretation", "")).upper(),
     )
 
 
