@@ -76,7 +76,7 @@ def test_ome_tiff_round_trip_with_physical_sizes(tmp_path):
     labels = np.zeros((4, 30, 20), np.uint16)
     labels[2, 5:9, 3:7] = 12
     path = write_ome_tiff(tmp_path / "labels.ome.tif", labels, spacing_zyx=(2.0, 0.5, 0.25))
-    data, axes, scale = read_tiff(path)
+    data, axes, scale, _unit = read_tiff(path)
     assert axes == "ZYX" and scale == (2.0, 0.5, 0.25)
     np.testing.assert_array_equal(np.asarray(data), labels)
     assert isinstance(data, np.memmap) or hasattr(data, "chunks")  # lazy: a memmap or a zarr view
@@ -86,13 +86,13 @@ def test_imagej_tiff_scale_and_lazy_reading(tmp_path):
     vol = np.arange(2 * 16 * 16, dtype=np.uint16).reshape(2, 16, 16)
     path = tmp_path / "ij.tif"
     tifffile.imwrite(path, vol, imagej=True, resolution=(1 / 0.4, 1 / 0.4), metadata={"spacing": 3.0, "axes": "ZYX"})
-    data, axes, scale = read_tiff(path)
+    data, axes, scale, _unit = read_tiff(path)
     assert axes == "ZYX"
     np.testing.assert_allclose(scale, (3.0, 0.4, 0.4), rtol=1e-6)
     assert isinstance(data, np.memmap)  # not loaded
     compressed = tmp_path / "c.tif"
     tifffile.imwrite(compressed, vol, compression="zlib", photometric="minisblack")
-    data, _, _ = read_tiff(compressed)
+    data, _, _, _ = read_tiff(compressed)
     assert not isinstance(data, np.ndarray)  # a lazy zarr view over the file
     np.testing.assert_array_equal(np.asarray(data[1]), vol[1])
 
@@ -110,7 +110,7 @@ def test_napari_saves_labels_through_the_writers(make_napari_viewer, tmp_path, o
     np.testing.assert_allclose(affine, vol.affine, atol=1e-6)
     ome = tmp_path / "from_napari.ome.tif"
     viewer.layers.save(str(ome), selected=True, plugin="napari-sam-labeler")
-    data, axes, scale = read_tiff(ome)
+    data, axes, scale, _unit = read_tiff(ome)
     np.testing.assert_allclose(scale, vol.spacing, rtol=1e-6)
 
 

@@ -37,6 +37,7 @@ def placement(layer) -> dict:
         "rotate": np.asarray(layer.rotate),
         "shear": np.asarray(layer.shear),
         "affine": np.asarray(layer.affine.affine_matrix),
+        "units": tuple(layer.units),
     }
 
 
@@ -64,7 +65,7 @@ def drawn_placement(layer) -> dict:
     if layer.ndim != 3 or _block_diagonal(world_matrix(layer)):
         return placement(layer)
     return {"scale": (1.0, 1.0, 1.0), "translate": (0.0, 0.0, 0.0), "rotate": np.eye(3),
-            "shear": np.zeros(3), "affine": drawn_matrix(layer)}
+            "shear": np.zeros(3), "affine": drawn_matrix(layer), "units": tuple(layer.units)}
 
 
 def world_to_drawn_data(layer, world: np.ndarray) -> np.ndarray:

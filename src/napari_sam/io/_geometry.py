@@ -53,26 +53,28 @@ def lps_matrix(world_affine: np.ndarray) -> np.ndarray:
     return napari_matrix(world_affine)  # reversing the output axes is its own inverse
 
 
-def placement(affine_lps: np.ndarray, ndim: int = 3) -> dict:
+def placement(affine_lps: np.ndarray, ndim: int = 3, unit: str = "mm") -> dict:
     """napari layer keyword arguments that put a (Z, Y, X) volume at ``affine_lps``.
 
     ``{"scale", "translate"}`` when the volume is axis-aligned in patient space, else
     ``{"scale", "affine"}`` (spacing, then direction cosines and origin). A 2D image
-    (one slice, no stack to overlay) is placed by its pixel spacing only.
+    (one slice, no stack to overlay) is placed by its pixel spacing only. ``units`` says
+    what the numbers are (millimetres for patient space).
     """
     world = napari_matrix(affine_lps)
     spacing = np.linalg.norm(world[:3, :3], axis=0)
     if ndim == 2:
-        return {"scale": tuple(float(s) for s in spacing[1:])}
+        return {"scale": tuple(float(s) for s in spacing[1:]), "units": (unit, unit)}
     if ndim != 3:
         raise ValueError(f"placement is for 2D or 3D layers, not {ndim}D")
     directions = world[:3, :3] / spacing
     if np.allclose(directions, np.eye(3), atol=_AXIS_ALIGNED_TOL):
-        return {"scale": tuple(float(s) for s in spacing), "translate": tuple(float(t) for t in world[:3, 3])}
+        return {"scale": tuple(float(s) for s in spacing), "translate": tuple(float(t) for t in world[:3, 3]),
+                "units": (unit,) * 3}
     rotation = np.eye(4)
     rotation[:3, :3] = directions
     rotation[:3, 3] = world[:3, 3]
-    return {"scale": tuple(float(s) for s in spacing), "affine": rotation}
+    return {"scale": tuple(float(s) for s in spacing), "affine": rotation, "units": (unit,) * 3}
 
 
 def slice_step(positions: np.ndarray, normal: np.ndarray) -> tuple[np.ndarray, float]:

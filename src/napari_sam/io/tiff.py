@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._units import common_unit, layer_unit
 from .._fileio import atomic_write, storable_labels, napari_writer
 
 
@@ -30,11 +31,14 @@ def write_ome_tiff(path, data, *, spacing_zyx=(1.0, 1.0, 1.0), axes: str | None 
 
 
 def read_tiff(path):
-    """Read a TIFF lazily with its axes and physical scale.
+    """Read a TIFF lazily with its axes and physical scale in one unit.
 
-    Returns ``(data, axes, scale)``: ``data`` is a memory map when the file allows it,
-    else a zarr array over tifffile's store (nothing is loaded); ``scale`` has one entry
-    per axis (physical size for Z/Y/X from OME or ImageJ metadata, 1 otherwise).
+    Returns ``(data, axes, scale, unit)``: ``data`` is a memory map when the file allows it,
+    else a zarr array over tifffile's store (nothing is loaded); ``scale`` has one entry per
+    axis (physical size for Z/Y/X, 1 otherwise), all in ``unit`` (the file's unit when the
+    axes share one, else µm; None when the file gives no physical size). Units come from OME
+    ``PhysicalSize*Unit`` (µm by default, as OME says), ImageJ's ``unit``, or the TIFF
+    ResolutionUnit (inch, cm).
     """
     import tifffile
     import zarr
@@ -42,36 +46,51 @@ def read_tiff(path):
     with tifffile.TiffFile(path) as tif:
         series = tif.series[0]
         axes = series.axes
-        sizes = {"X": 1.0, "Y": 1.0, "Z": 1.0}
+        sizes, units = {}, {}
         if tif.is_ome and tif.ome_metadata:
             pixels = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
             pixels = (pixels[0] if isinstance(pixels, list) else pixels)["Pixels"]
             for ax in "XYZ":
                 if f"PhysicalSize{ax}" in pixels:
                     sizes[ax] = float(pixels[f"PhysicalSize{ax}"])
-        elif tif.is_imagej:
-            ij = tif.imagej_metadata or {}
-            page = tif.pages[0]
-            if "XResolution" in page.tags:
-                num, den = page.tags["XResolution"].value
-                sizes["X"] = den / num if num else 1.0
-            if "YResolution" in page.tags:
-                num, den = page.tags["YResolution"].value
-                sizes["Y"] = den / num if num else 1.0
-            sizes["Z"] = float(ij.get("spacing", 1.0))
+                    units[ax] = pixels.get(f"PhysicalSize{ax}Unit", "µm")
+        else:
+            sizes, units = _resolution_sizes(tif)
+    sizes, unit = common_unit(sizes, units)
     try:
         data = tifffile.memmap(path, mode="r")
     except ValueError:
         data = zarr.open_array(tifffile.imread(path, aszarr=True), mode="r")
     scale = tuple(sizes.get(ax, 1.0) for ax in axes)
-    return data, axes, scale
+    return data, axes, scale, unit
+
+
+def _resolution_sizes(tif) -> tuple[dict, dict]:
+    """Pixel sizes from X/YResolution (pixels per unit): ImageJ's unit, else ResolutionUnit."""
+    page = tif.pages[0]
+    ij = tif.imagej_metadata or {} if tif.is_imagej else {}
+    unit = ij.get("unit")
+    if unit is None and "ResolutionUnit" in page.tags:
+        unit = {2: "inch", 3: "cm"}.get(int(page.tags["ResolutionUnit"].value))
+    sizes, units = {}, {}
+    for ax in "XY":
+        tag = f"{ax}Resolution"
+        if tag in page.tags:
+            num, den = page.tags[tag].value
+            if num:
+                sizes[ax], units[ax] = den / num, unit
+    if "spacing" in ij:
+        sizes["Z"], units["Z"] = float(ij["spacing"]), unit
+    return sizes, units
 
 
 @napari_writer
 def napari_write_labels(path: str, data, meta: dict) -> list[str]:
-    """npe2 writer: a labels layer → OME-TIFF with the layer's scale as physical size."""
+    """npe2 writer: a labels layer → OME-TIFF with the layer's scale as physical size, in the
+    layer's unit (mm for medical layers, "pixel" for layers without one)."""
     scale = tuple(meta.get("scale") or (1.0,) * np.ndim(data))
-    return [write_ome_tiff(path, storable_labels(data, f"OME-TIFF labels {path}"), spacing_zyx=scale)]
+    unit = layer_unit(meta) or "pixel"
+    return [write_ome_tiff(path, storable_labels(data, f"OME-TIFF labels {path}"), spacing_zyx=scale, unit=unit)]
 
 
 def napari_get_reader(path):
@@ -83,7 +102,7 @@ def napari_get_reader(path):
 
 
 def _read_layers(path):
-    data, axes, scale = read_tiff(path)
+    data, axes, scale, unit = read_tiff(path)
     axes = axes.upper()
     meta = {"name": Path(path).name.split(".ome.")[0], "metadata": {"axes": axes, "source": str(path)}}
     if "S" in axes and axes.endswith("S") and data.shape[-1] in (3, 4):
@@ -94,4 +113,6 @@ def _read_layers(path):
         meta["channel_axis"] = c
         scale = scale[:c] + scale[c + 1:]
     meta["scale"] = tuple(scale)
+    if unit is not None:
+        meta["units"] = tuple(unit if ax in "ZYX" else "pixel" for ax in axes if ax not in "CS")
     return [(data, meta, "image")]
