@@ -67,6 +67,8 @@ def test_study_folder_opens_every_series_it_can(tmp_path):
     np.testing.assert_array_equal(axial, mr)
     notes = [w for _d, meta, _k in layers for w in meta["metadata"]["dicom"]["warnings"]]
     assert any("localizer?" in n for n in notes)
+    assert [meta.get("visible", True) for _d, meta, _k in sorted(layers, key=lambda t: t[1]["name"])] == [
+        False, False, False, True]  # the scout parts open hidden
 
 
 def test_study_folder_in_napari(make_napari_viewer, tmp_path):

@@ -98,8 +98,9 @@ def _read_layers(path):
                 plane = _plane_name(info["geometry"][files[0]][0])
                 meta["name"] = f"{meta['name']} ({plane} {k + 1}/{len(parts)})"
                 note = (f"series {uid} has {len(parts)} parts of different orientation or size "
-                        "(a localizer?): each opens as its own layer")
+                        "(a localizer?): each opens as its own layer, hidden")
                 meta["metadata"]["dicom"]["warnings"].append(note)
+                meta["visible"] = False  # single scout images would cover the series they plan
             layers.append((vol.data, meta, "image"))
     for problem in problems:
         warnings.warn(f"not opened: {problem}", DicomSeriesWarning, stacklevel=2)
