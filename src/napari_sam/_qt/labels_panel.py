@@ -58,7 +58,8 @@ class LabelsPanel(QGroupBox):
             )
             # Just above the image, under the prompt and preview layers.
             state.viewer.layers.insert(state.viewer.layers.index(image) + 1, layer)
-            state.labels_combo.setCurrentText(layer.name)
+            self.host.refresh_layer_choices()
+            state.labels_combo.select(layer)
             if state.points is not None:  # keep clicking = prompting, not painting
                 state.viewer.layers.selection.active = state.points
         elif tuple(layer.data.shape) != spatial:

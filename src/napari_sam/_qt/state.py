@@ -16,7 +16,7 @@ from napari.utils.notifications import show_error
 from qtpy.QtCore import QObject, Signal
 
 from ..api import EmbeddingCache, load_model
-from .controls import combo
+from .layer_choice import LayerChoice
 from .placement import world_to_drawn_data
 
 POINTS_NAME = "SAM points"
@@ -77,9 +77,9 @@ class LabelerState(QObject):
         self.stack_worker = None
         self.decode_after_embed = False
         self.decode_seq = 0
-        # which image is prompted and which labels layer receives commits
-        self.image_combo = combo()
-        self.labels_combo = combo()
+        # which image is prompted and which labels layer receives commits (held by identity)
+        self.image_combo = LayerChoice(Image)
+        self.labels_combo = LayerChoice(Labels, extra=NEW_LABELS)
 
     # --- status and errors ------------------------------------------------------------
 
@@ -97,17 +97,15 @@ class LabelerState(QObject):
 
     @property
     def image_layer(self) -> Image | None:
-        name = self.image_combo.currentText()
-        if name and name in self.viewer.layers and isinstance(self.viewer.layers[name], Image):
-            return self.viewer.layers[name]
-        return None
+        return self.image_combo.layer(self.viewer.layers)
 
     @property
     def labels_layer(self) -> Labels | None:
-        name = self.labels_combo.currentText()
-        if name and name != NEW_LABELS and name in self.viewer.layers:
-            return self.viewer.layers[name]
-        return None
+        return self.labels_combo.layer(self.viewer.layers)
+
+    def own_layer_ids(self) -> set:
+        """unique ids of the plugin's own layers (never offered as image or labels)."""
+        return {layer.unique_id for layer in (self.points, self.boxes, self.preview) if layer is not None}
 
     @staticmethod
     def unsupported(layer: Image) -> str | None:

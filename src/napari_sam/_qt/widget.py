@@ -23,7 +23,7 @@ from .labels_panel import LabelsPanel
 from .model_panel import ModelPanel
 from .prompt_panel import PromptPanel
 from .stack_panel import StackPanel
-from .state import BOXES_NAME, LABELS_NAME, NEW_LABELS, POINTS_NAME, PREVIEW_NAME, LabelerState
+from .state import LABELS_NAME, LabelerState
 
 __all__ = ["LABELS_NAME", "SamLabelerWidget"]
 
@@ -49,7 +49,7 @@ class SamLabelerWidget(QWidget):
         self.stack = StackPanel(self.state, self)
         self._build_ui()
         self._connect_viewer()
-        self._refresh_layer_choices()
+        self.refresh_layer_choices()
 
     def _build_ui(self) -> None:
         # The controls scroll when the screen is shorter than they are, rather than
@@ -84,38 +84,29 @@ class SamLabelerWidget(QWidget):
 
     def _connect_viewer(self) -> None:
         layers = self.viewer.layers
-        layers.events.inserted.connect(self._refresh_layer_choices)
-        layers.events.removed.connect(self._refresh_layer_choices)
+        layers.events.inserted.connect(self._on_layer_inserted)
         layers.events.removed.connect(lambda event: self.state.forget_layer(event.value))
+        layers.events.removed.connect(self.refresh_layer_choices)
+        for layer in layers:
+            layer.events.name.connect(self.refresh_layer_choices)
         self.viewer.dims.events.current_step.connect(self.prompts.on_slice_changed)
-        self.state.image_combo.currentTextChanged.connect(self._on_image_changed)
+        self.state.image_combo.currentIndexChanged.connect(self._on_image_changed)
         for key, func in (("Enter", self.labels.commit), ("Escape", self.prompts.clear_prompts)):
             self.viewer.bind_key(key, lambda _viewer, f=func: f(), overwrite=True)
 
-    def _refresh_layer_choices(self, event=None) -> None:
-        image_combo, labels_combo = self.state.image_combo, self.state.labels_combo
-        keep_img = image_combo.currentText()
-        keep_lab = labels_combo.currentText()
-        ours = {POINTS_NAME, BOXES_NAME, PREVIEW_NAME}
-        images = [layer.name for layer in self.viewer.layers if isinstance(layer, Image)]
-        labels = [layer.name for layer in self.viewer.layers
-                  if isinstance(layer, Labels) and layer.name not in ours]
-        for combo, names, keep, extra in (
-            (image_combo, images, keep_img, []),
-            (labels_combo, labels, keep_lab, [NEW_LABELS]),
-        ):
-            combo.blockSignals(True)
-            combo.clear()
-            combo.addItems(extra + names)
-            if keep in extra + names:
-                combo.setCurrentText(keep)
-            elif names and combo is labels_combo:
-                combo.setCurrentText(names[-1])
-            combo.blockSignals(False)
-        if image_combo.currentText() != keep_img:
-            self._on_image_changed(image_combo.currentText())
+    def _on_layer_inserted(self, event) -> None:
+        event.value.events.name.connect(self.refresh_layer_choices)
+        self.refresh_layer_choices()
 
-    def _on_image_changed(self, name: str) -> None:
+    def refresh_layer_choices(self, event=None) -> None:
+        """Offer the viewer's layers by name, keep the chosen ones by identity (a rename or
+        a new layer changes nothing else); the plugin's own layers are never offered."""
+        own = self.state.own_layer_ids()
+        self.state.labels_combo.refresh(self.viewer.layers, exclude=own, prefer_last=True)
+        if self.state.image_combo.refresh(self.viewer.layers, exclude=own):
+            self._on_image_changed()
+
+    def _on_image_changed(self, *_args) -> None:
         self.prompts.invalidate_preview()
         layer = self.state.image_layer
         if layer is None:
