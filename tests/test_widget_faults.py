@@ -31,3 +31,36 @@ def test_renaming_any_layer_changes_only_the_name(labeler, qtbot, blob_image):
     with qtbot.waitSignal(widget.committed, timeout=TIMEOUT):
         widget.commit()
     assert set(np.unique(viewer.layers["my labels"].data)) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16])
+def test_label_ids_beyond_the_layers_dtype_widen_it_and_undo_still_works(labeler, qtbot, blob_image, dtype):
+    """napari's own "New labels layer" is uint8; id 255 used; a new object gets 256."""
+    viewer, widget = labeler(blob_image)
+    top = int(np.iinfo(dtype).max)
+    existing = np.zeros(blob_image.shape, dtype)
+    existing[5:10, 5:10] = top
+    target = viewer.add_labels(existing.copy(), name="napari labels")
+    widget.state.labels_combo.select(target)
+    viewer.layers.selection.active = widget.state.points
+    embed(qtbot, widget)
+    with qtbot.waitSignal(widget.preview_ready, timeout=TIMEOUT):
+        widget.state.boxes.add_rectangles(np.array([[30.0, 30.0], [90.0, 110.0]]))
+    with qtbot.waitSignal(widget.committed, timeout=TIMEOUT) as blocker:
+        widget.commit()
+    assert blocker.args[0].ids == [top + 1]
+    assert (target.data == top + 1).any() and (target.data[5:10, 5:10] == top).all()
+    assert np.iinfo(target.data.dtype).max > top and "widened" in widget.status.text()
+    widget.undo()
+    np.testing.assert_array_equal(target.data, existing)  # one undo step restores it exactly
+
+
+def test_many_objects_fit_the_preview(labeler, qtbot, blob_image):
+    viewer, widget = labeler(blob_image)
+    embed(qtbot, widget)
+    corners = [np.array([[r, c], [r + 8.0, c + 8.0]]) for r in range(0, 170, 10) for c in range(0, 160, 10)]
+    assert len(corners) > 255
+    with qtbot.waitSignal(widget.preview_ready, timeout=TIMEOUT) as blocker:
+        widget.state.boxes.add_rectangles(corners)
+    assert len(blocker.args[0]) == len(corners)
+    assert widget.state.preview.data.max() <= 255

@@ -70,7 +70,16 @@ class LabelsPanel(QGroupBox):
         return layer
 
     def commit(self) -> None:
-        """Write the preview into the labels layer as one undoable edit, then clear prompts."""
+        """Write the preview into the labels layer as one undoable edit, then clear prompts.
+
+        Nothing escapes: a refusal or an unexpected error is one notification and the
+        status line, and the layer is either fully written or untouched."""
+        try:
+            self._commit()
+        except Exception as exc:  # keys call this from napari's keymap: never crash the viewer
+            self.state.report_error(exc)
+
+    def _commit(self) -> None:
         state = self.state
         image = state.image_layer
         if image is None or not state.predictions:
@@ -90,6 +99,8 @@ class LabelsPanel(QGroupBox):
             first = self.label_id_spin.value() or annotate.next_label_id(target.data)
             after = max(first, annotate.next_label_id(target.data) - 1)
             ids, replace = [first] + list(range(after + 1, after + len(masks))), None
+        widened = self._hold(target, max(ids, default=0))
+        current = np.asarray(target.data if z is None else target.data[z])
         plan = annotate.plan_commit(current, masks, ids, overwrite=self.overwrite_check.isChecked(), replace=replace)
         if plan.size:
             indices = plan.indices if z is None else (np.full(plan.indices[0].shape, z),) + plan.indices
@@ -101,11 +112,27 @@ class LabelsPanel(QGroupBox):
         if plan.kept:
             show_info(f"SAM Labeler: kept {plan.kept} pixels of other labels (Overwrite other labels is off).")
         where = "" if z is None else f" on slice {z}"
-        state.set_status(f"Committed label(s) {', '.join(map(str, plan.ids))}{where}. Ctrl+Z or Undo reverts.")
+        state.set_status(f"Committed label(s) {', '.join(map(str, plan.ids))}{where}{widened}. "
+                         "Ctrl+Z or Undo reverts.")
         state.committed.emit(plan)
         self.label_id_spin.setValue(0)
         self.stop_refining(decode=False)
         self.host.prompts.clear_prompts()
+
+    @staticmethod
+    def _hold(target: Labels, label: int) -> str:
+        """Widen ``target``'s dtype when ``label`` does not fit (napari's own "New labels
+        layer" is uint8); its undo history is kept. Returns a note for the status line."""
+        dtype = np.dtype(target.data.dtype)
+        if dtype.kind not in "iu":
+            raise ValueError(f"labels layer {target.name!r} holds {dtype} values, not integer label ids")
+        if label <= np.iinfo(dtype).max:
+            return ""
+        wider = np.promote_types(dtype, np.min_scalar_type(int(label)))
+        if wider.kind not in "iu":
+            raise ValueError(f"label {label} does not fit in any integer type of layer {target.name!r}")
+        target.data = np.asarray(target.data).astype(wider)
+        return f" (layer widened from {dtype} to {wider} to hold label {label})"
 
     def undo(self) -> None:
         """Undo the last edit of the labels layer (napari's own history, same as Ctrl+Z)."""

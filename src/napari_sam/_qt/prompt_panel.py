@@ -179,7 +179,7 @@ class PromptPanel(QGroupBox):
             view = data if z is None else data[z]
             view[...] = 0
             for i, mask in enumerate(self.chosen_masks()):
-                view[mask & (view == 0)] = i + 1
+                view[mask & (view == 0)] = i % 255 + 1  # colours only: any number of objects fits uint8
             state.preview.refresh()
         self._update_candidate_buttons()
         if predictions:
