@@ -104,6 +104,16 @@ def test_every_file_pydicom_decodes_opens_and_the_rest_fail_in_one_line():
                 failures.append(f"{Path(f).name}: {message[:200]!r} (pydicom decodes it: {decodes})")
             continue
         assert layers, f
+        for _data, meta, _kind in layers:  # what napari would refuse to build
+            assert all(v > 0 for v in meta.get("scale", (1,))), (f, meta.get("scale"))
         opened += 1
     assert not failures, "\n".join(failures)
     assert decodable >= 100 and opened >= decodable, (opened, decodable)
+
+
+def test_zero_pixel_spacing_falls_back(make_napari_viewer):
+    """Real CR files (RG1_*) carry PixelSpacing [0, 0]: they open with spacing 1 and a warning."""
+    viewer = make_napari_viewer()
+    with pytest.warns(UserWarning, match="PixelSpacing is"):
+        (layer,) = viewer.open(get_testdata_file("RG1_UNCI.dcm"), plugin="napari-sam-labeler")
+    assert all(s > 0 for s in layer.scale)

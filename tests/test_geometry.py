@@ -235,3 +235,61 @@ def test_gantry_tilt_every_slice_at_its_own_position(make_napari_viewer, tmp_pat
     np.testing.assert_array_equal(np.asarray(back.data), labels)
     for k in range(5):
         np.testing.assert_allclose(world(back, (k, 0, 0)), (5.0 * k, -16.0, -20.0), atol=0.01)
+
+
+PLANES = {  # row (column index) and column (row index) direction cosines, LPS
+    "coronal": ((1.0, 0.0, 0.0), (0.0, 0.0, -1.0)),
+    "coronal_reversed": ((-1.0, 0.0, 0.0), (0.0, 0.0, -1.0)),
+    "sagittal": ((0.0, 1.0, 0.0), (0.0, 0.0, -1.0)),
+    "coronal_tilted10": ((1.0, 0.0, 0.0), (0.0, np.sin(np.deg2rad(10)), -np.cos(np.deg2rad(10)))),
+    "oblique_sagittal30": ((np.cos(np.deg2rad(30)), np.sin(np.deg2rad(30)), 0.0), (0.0, 0.0, -1.0)),
+}
+
+
+def write_plane_series(folder, hu, row, col, origin=(-40.0, 30.0, 80.0), dz=2.0):
+    from pydicom.uid import generate_uid
+
+    from test_dicom import make_slice
+
+    folder.mkdir(parents=True, exist_ok=True)
+    row, col = np.asarray(row), np.asarray(col)
+    normal = np.cross(row, col)
+    uid = generate_uid()
+    for z in range(len(hu)):
+        ds = make_slice(hu[z], np.asarray(origin) + z * dz * normal, row, col, (0.8, 0.6), 1.0, -1024.0, uid,
+                        instance=z + 1)
+        ds.save_as(folder / f"S{z}", enforce_file_format=True)
+
+
+@pytest.mark.parametrize("plane", list(PLANES))
+def test_coronal_and_sagittal_series_open_draw_and_sit_in_patient_space(make_napari_viewer, tmp_path, plane):
+    """Helper-found crash: napari cannot draw a permuted transform (singular in-plane matrix).
+    The layer takes the series' own orthogonal frame; world_frame maps it back to LPS."""
+    row, col = PLANES[plane]
+    rng = np.random.default_rng(5)
+    hu = rng.integers(-1000, 1000, (8, 12, 10)).astype(float)
+    hu -= hu % 2
+    write_plane_series(tmp_path / plane, hu, row, col)
+    viewer = make_napari_viewer()
+    layer = open_layer(viewer, tmp_path / plane)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        shot = viewer.screenshot(canvas_only=True)  # draws: crashed before
+    assert shot.std() > 0  # something is drawn
+    frame = np.asarray(layer.metadata["dicom"]["world_frame"])
+    ref = sitk_series(tmp_path / plane)
+    np.testing.assert_array_equal(np.asarray(layer.data), sitk.GetArrayFromImage(ref))
+    for zyx in corners_and_some():
+        z, y, x = zyx
+        zyx = (min(z, 7), min(y, 11), min(x, 9))
+        np.testing.assert_allclose(frame.T @ world(layer, zyx), sitk_world(ref, zyx), atol=1e-4)
+    # labels saved from it land on the same patient points (nibabel), and reopen on the image
+    from napari_sam._qt.placement import placement
+
+    labels = viewer.add_labels(np.ones(hu.shape, np.uint8), **placement(layer), metadata=dict(layer.metadata))
+    viewer.layers.selection = {labels}
+    (path,) = viewer.layers.save(str(tmp_path / f"{plane}.nii.gz"), selected=True, plugin="napari-sam-labeler")
+    back = open_layer(viewer, path)
+    for zyx in [(0, 0, 0), (7, 11, 9), (3, 5, 2)]:
+        np.testing.assert_allclose(world(back, zyx), world(layer, zyx), atol=1e-4)
+        np.testing.assert_allclose(sitk_world(sitk.ReadImage(path), zyx), sitk_world(ref, zyx), atol=1e-3)

@@ -53,13 +53,38 @@ def lps_matrix(world_affine: np.ndarray) -> np.ndarray:
     return napari_matrix(world_affine)  # reversing the output axes is its own inverse
 
 
+# napari world axes (slider, screen down, screen right) per acquisition plane, as rows
+# over the patient's (z, y, x): the radiological views, head up in coronal and sagittal.
+_FRAMES = {
+    "axial": np.eye(3),                                              # z | P down, L right
+    "coronal": np.array([[0.0, 1, 0], [-1, 0, 0], [0, 0, 1]]),       # y | feet down, L right
+    "sagittal": np.array([[0.0, 0, 1], [-1, 0, 0], [0, 1, 0]]),      # x | feet down, P right
+}
+
+
+def plane_of(affine_lps: np.ndarray) -> str:
+    """"axial", "coronal" or "sagittal": the patient axis nearest the slice axis."""
+    step = np.asarray(affine_lps, float)[:3, 0]
+    return ("sagittal", "coronal", "axial")[int(np.argmax(np.abs(step)))]
+
+
+def world_frame(affine_lps: np.ndarray) -> np.ndarray:
+    """The axis permutation ``Q`` (3 x 3) from napari-ordered patient axes (z, y, x) to the
+    frame of the volume's acquisition plane: identity for axial series; for coronal and
+    sagittal series the patient axes are reordered so that napari's slider runs along the
+    slice axis and the screen shows the image plane head up (napari cannot draw a transform
+    that permutes axes). It depends only on the plane, so the series, any NIfTI of it (rows
+    flipped or not) and its labels share it and overlay."""
+    return _FRAMES[plane_of(affine_lps)].copy()
+
+
 def placement(affine_lps: np.ndarray, ndim: int = 3, unit: str = "mm") -> dict:
     """napari layer keyword arguments that put a (Z, Y, X) volume at ``affine_lps``.
 
-    ``{"scale", "translate"}`` when the volume is axis-aligned in patient space, else
-    ``{"scale", "affine"}`` (spacing, then direction cosines and origin). A 2D image
-    (one slice, no stack to overlay) is placed by its pixel spacing only. ``units`` says
-    what the numbers are (millimetres for patient space).
+    ``{"scale", "translate"}`` when the volume is axis-aligned in its frame
+    (:func:`world_frame`), else ``{"scale", "affine"}`` (spacing, then the remaining
+    rotation/shear and the origin). A 2D image (one slice, no stack to overlay) is placed
+    by its pixel spacing only. ``units`` says what the numbers are (mm: patient space).
     """
     world = napari_matrix(affine_lps)
     spacing = np.linalg.norm(world[:3, :3], axis=0)
@@ -67,6 +92,9 @@ def placement(affine_lps: np.ndarray, ndim: int = 3, unit: str = "mm") -> dict:
         return {"scale": tuple(float(s) for s in spacing[1:]), "units": (unit, unit)}
     if ndim != 3:
         raise ValueError(f"placement is for 2D or 3D layers, not {ndim}D")
+    frame = np.eye(4)
+    frame[:3, :3] = world_frame(affine_lps)
+    world = frame @ world
     directions = world[:3, :3] / spacing
     if np.allclose(directions, np.eye(3), atol=_AXIS_ALIGNED_TOL):
         return {"scale": tuple(float(s) for s in spacing), "translate": tuple(float(t) for t in world[:3, 3]),
@@ -75,6 +103,11 @@ def placement(affine_lps: np.ndarray, ndim: int = 3, unit: str = "mm") -> dict:
     rotation[:3, :3] = directions
     rotation[:3, 3] = world[:3, 3]
     return {"scale": tuple(float(s) for s in spacing), "affine": rotation, "units": (unit,) * 3}
+
+
+def frame_metadata(affine_lps: np.ndarray) -> dict:
+    """What writers need besides the napari placement: the exact affine and the frame."""
+    return {"affine_lps": np.asarray(affine_lps, float).tolist(), "world_frame": world_frame(affine_lps).tolist()}
 
 
 def slice_step(positions: np.ndarray, normal: np.ndarray) -> tuple[np.ndarray, float]:
@@ -126,13 +159,15 @@ def affine_from_layer_meta(meta: dict, ndim: int = 3) -> np.ndarray:
     dicom = (meta.get("metadata") or {}).get("dicom") or {}
     if "affine_lps" in dicom:
         return np.asarray(dicom["affine_lps"], float)
+    frame = np.eye(4)
+    frame[:3, :3] = np.asarray(dicom.get("world_frame", np.eye(3)), float)
     if ndim == 2:
         m2 = layer_world_matrix(meta, 2)
         world = np.eye(4)
         world[1:3, 1:3] = m2[:2, :2]
         world[1:3, 3] = m2[:2, 2]
         return lps_matrix(world)
-    return lps_matrix(layer_world_matrix(meta, 3))
+    return lps_matrix(frame.T @ layer_world_matrix(meta, 3))  # frame: a signed permutation
 
 
 def lps_zyx_to_ras_ijk(affine_lps: np.ndarray) -> np.ndarray:

@@ -27,7 +27,7 @@ import numpy as np
 
 from ._dicom_pixels import decode, is_colour, number, rescaled, vector, window_of
 from ._dicom_write import write_dicom_series  # noqa: F401  (public here: samples and tests use it)
-from ._geometry import placement, slice_step
+from ._geometry import frame_metadata, placement, slice_step
 
 # Spacing deviations below this fraction are rounding, not irregular geometry.
 _SPACING_TOLERANCE = 0.01
@@ -96,7 +96,7 @@ class DicomVolume:
                 "dicom": {
                     "series_uid": self.series_uid,
                     "modality": self.modality,
-                    "affine_lps": self.affine.tolist(),
+                    **frame_metadata(self.affine),
                     "origin_lps": self.origin.tolist(),
                     "spacing_zyx": list(self.spacing),
                     "files": list(self.files),
@@ -368,10 +368,15 @@ def _read_single_frames(datasets, series_uid) -> DicomVolume:
 
 
 def _pixel_spacing(ds, path):
+    """PixelSpacing, else ImagerPixelSpacing; a zero or negative spacing (seen in real CR
+    files) is no spacing: 1, with a warning."""
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
         value = vector(ds, keyword, path, 2)
-        if value is not None:
+        if value is None:
+            continue
+        if np.all(value > 0):
             return value
+        warnings.warn(f"{path}: {keyword} is {list(value)}; ignored", DicomSeriesWarning, stacklevel=3)
     return None
 
 

@@ -8,7 +8,9 @@ import numpy as np
 
 from ._units import layer_unit
 from .._fileio import atomic_write, storable_labels, napari_writer
-from ._geometry import affine_from_layer_meta, as_volume, lps_zyx_to_ras_ijk, placement, ras_ijk_to_lps_zyx
+from ._geometry import (
+    affine_from_layer_meta, as_volume, frame_metadata, lps_zyx_to_ras_ijk, placement, ras_ijk_to_lps_zyx,
+)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _LABEL_WORDS = ("label", "seg", "mask")
@@ -83,7 +85,7 @@ def _read_layers(path):
     meta = {
         "name": Path(path).name.split(".nii")[0],
         **placement(affine, 3, nifti_unit(path)),  # napari world = patient space (io/_geometry.py)
-        "metadata": {"dicom": {"affine_lps": affine.tolist()}, "source": str(path)},
+        "metadata": {"dicom": frame_metadata(affine), "source": str(path)},
     }
     return [(data, meta, "labels" if is_labels else "image")]
 
@@ -91,6 +93,5 @@ def _read_layers(path):
 @napari_writer
 def napari_write_labels(path: str, data, meta: dict) -> list[str]:
     """npe2 writer: a labels layer → NIfTI with the source geometry."""
-    dicom = (meta.get("metadata") or {}).get("dicom") or {}
-    unit = "mm" if "affine_lps" in dicom else (layer_unit(meta) or "mm")
+    unit = layer_unit(meta) or "mm"  # what the layer's numbers (and its recorded affine) are in
     return [write_nifti(path, np.asarray(data), affine_from_layer_meta(meta, np.ndim(data)), labels=True, unit=unit)]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._fileio import atomic_write, storable_labels, napari_writer
-from ._geometry import as_volume, placement, slice_step
+from ._geometry import as_volume, frame_metadata, placement, slice_step
 
 SEG_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")  # binary/fractional, label map
 
@@ -168,7 +168,7 @@ class SegVolume:
                     "series_uid": self.referenced_series_uid,
                     "seg_series_uid": self.series_uid,
                     "modality": "SEG",
-                    "affine_lps": self.affine_lps.tolist(),
+                    **frame_metadata(self.affine_lps),
                     "files": list(self.source_files),
                     "warnings": list(self.warnings),
                 },
