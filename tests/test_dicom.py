@@ -139,8 +139,13 @@ def test_gap_warns_and_keeps_going(tmp_path, hu_volume):
     write_series(tmp_path / "g", hu_volume, skip=(3,))
     with pytest.warns(DicomSeriesWarning, match="missing slice"):
         vol = read_dicom_series(tmp_path / "g")
-    assert vol.data.shape[0] == 5 and vol.warnings
-    np.testing.assert_array_equal(vol.data, hu_volume[[0, 1, 2, 4, 5]])
+    assert vol.data.shape[0] == 6 and vol.warnings  # the missing slice is inserted blank...
+    np.testing.assert_array_equal(vol.data[[0, 1, 2, 4, 5]], hu_volume[[0, 1, 2, 4, 5]])
+    assert (vol.data[3] == vol.data.min()).all() and vol.files[3] == ""  # ...without a file
+    normal = np.cross(*oblique_axes())  # ...so every slice keeps its position
+    for z in (0, 4, 5):
+        expected = np.array([-50.0, 20.0, 100.0]) + z * 2.5 * normal
+        np.testing.assert_allclose((vol.affine @ [z, 0, 0, 1])[:3], expected, atol=1e-6)
 
 
 def test_several_series_need_a_choice(tmp_path, hu_volume):

@@ -141,3 +141,35 @@ def test_seg_without_empty_frames_still_lands_on_its_slices(make_napari_viewer, 
     for zyx in [(0, 0, 0), (3, 15, 11)]:
         image_zyx = (zyx[0] + first, *zyx[1:])
         np.testing.assert_allclose(layer.data_to_world(zyx), image.data_to_world(image_zyx), atol=1e-4)
+
+
+def test_missing_slice_series_image_and_seg_agree(make_napari_viewer, tmp_path):
+    """A series with a missing slice: the image gets a blank slice there, so the image, its
+    SEG alone, and its SEG beside the series put every label at the same patient point."""
+    rng = np.random.default_rng(8)
+    hu = rng.integers(-1000, 1000, (6, 16, 12)).astype(np.float64)
+    hu -= hu % 2
+    write_series(tmp_path / "gap", hu, skip=(3,))
+    viewer = make_napari_viewer()
+    with pytest.warns(UserWarning):
+        (image,) = viewer.open(str(tmp_path / "gap"), plugin="napari-sam-labeler")
+    assert image.data.shape[0] == 6 and image.metadata["dicom"]["files"][3] == ""
+    labels = np.zeros(image.data.shape, np.uint8)
+    labels[2, 3:6, 3:6] = 1
+    labels[4, 8:12, 2:6] = 2
+    seg = write_dicom_seg(tmp_path / "gap.dcm", labels, image.metadata["dicom"]["files"])
+    (alone,) = viewer.open(str(seg), plugin="napari-sam-labeler")
+    for value in (1, 2):
+        z, y, x = np.argwhere(np.asarray(alone.data) == value)[0]
+        zi, yi, xi = np.argwhere(labels == value)[0]
+        np.testing.assert_allclose(alone.data_to_world((z, y, x)), image.data_to_world((zi, yi, xi)), atol=1e-4)
+    import shutil
+
+    shutil.copy(seg, tmp_path / "gap" / "seg.dcm")
+    layers = viewer.open(str(tmp_path / "gap"), plugin="napari-sam-labeler")
+    beside = next(layer for layer in layers if type(layer).__name__ == "Labels")
+    np.testing.assert_array_equal(np.asarray(beside.data), labels)
+    bad = labels.copy()
+    bad[3, 0, 0] = 1  # drawn on the inserted blank slice
+    with pytest.raises(ValueError, match="does not have"):
+        write_dicom_seg(tmp_path / "bad.dcm", bad, image.metadata["dicom"]["files"])

@@ -123,6 +123,24 @@ def slice_step(positions: np.ndarray, normal: np.ndarray) -> tuple[np.ndarray, f
     return step, float(np.degrees(np.arccos(cos)))
 
 
+def regular_slots(proj: np.ndarray, tolerance: float = 0.1) -> tuple[list[int], int] | None:
+    """Slots of sorted slice positions (``proj``, along the normal) on a regular grid.
+
+    When every gap is a whole multiple of the common gap (a slice or a few missing), returns
+    ``(slot of each position, number of slots)``; None when the spacing is irregular in any
+    other way (varying thickness), where no regular grid holds every slice."""
+    proj = np.asarray(proj, float)
+    if len(proj) < 2:
+        return list(range(len(proj))), len(proj)
+    diffs = np.diff(proj)
+    gap = float(np.min(diffs))
+    multiples = diffs / gap
+    if gap <= 0 or np.any(np.abs(multiples - np.round(multiples)) > tolerance):
+        return None
+    slots = [0] + list(np.cumsum(np.round(multiples)).astype(int))
+    return slots, slots[-1] + 1
+
+
 def _shear_matrix(shear, n: int) -> np.ndarray:
     shear = np.asarray(shear, float)
     if shear.ndim == 2:

@@ -27,7 +27,7 @@ import numpy as np
 
 from ._dicom_pixels import decode, is_colour, number, rescaled, vector, window_of
 from ._dicom_write import write_dicom_series  # noqa: F401  (public here: samples and tests use it)
-from ._geometry import frame_metadata, placement, slice_step
+from ._geometry import frame_metadata, placement, regular_slots, slice_step
 
 # Spacing deviations below this fraction are rounding, not irregular geometry.
 _SPACING_TOLERANCE = 0.01
@@ -264,6 +264,8 @@ def _assemble(slices, positions, row, col, pixel_spacing, meta_ds, series_uid, f
                 msg += f"; missing slice(s) between {', '.join(gaps)}"
             problems.append(msg)
             warnings.warn(msg, DicomSeriesWarning, stacklevel=3)
+        order, positions, files, slices = _fill_missing(order, proj, positions, files, slices, colour, problems,
+                                                        series_uid)
         step, tilt = slice_step([positions[i] for i in order], normal)
         dz = float(np.linalg.norm(step))
         direction = step / dz
@@ -301,6 +303,36 @@ def _assemble(slices, positions, row, col, pixel_spacing, meta_ds, series_uid, f
         rgb=colour,
         photometric=str(getattr(meta_ds, "PhotometricInterpretation", "")).upper(),
     )
+
+
+def _fill_missing(order, proj, positions, files, slices, colour, problems, series_uid):
+    """Insert a blank slice (no file: "") wherever whole slices are missing, so that every
+    slice sits at its own ImagePositionPatient on napari's regular grid; a series spaced
+    irregularly in any other way is left as it is (the warning above says so)."""
+    grid = regular_slots(proj)
+    if grid is None or grid[1] == len(order):
+        return order, positions, files, slices
+    slots, depth = grid
+    first, last = positions[order[0]], positions[order[-1]]
+    fill = (np.zeros_like(slices[order[0]][0]) if colour
+            else np.full(slices[order[0]][0].shape, min(float(s[0].min()) for s in slices)))
+    by_slot = dict(zip(slots, order))
+    new_slices, new_positions, new_files = [], [], []
+    for slot in range(depth):
+        if slot in by_slot:
+            i = by_slot[slot]
+            new_slices.append(slices[i])
+            new_positions.append(positions[i])
+            new_files.append(files[i])
+        else:
+            new_slices.append((fill, True))
+            new_positions.append(first + (last - first) * slot / (depth - 1))
+            new_files.append("")
+    note = (f"series {series_uid}: {depth - len(order)} missing slice(s) inserted blank (lowest value, no "
+            "file) so that every slice sits at its own position")
+    problems.append(note)
+    warnings.warn(note, DicomSeriesWarning, stacklevel=4)
+    return list(range(depth)), new_positions, new_files, new_slices
 
 
 def _declared_spacing(ds, path) -> float | None:

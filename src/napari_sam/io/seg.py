@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._fileio import atomic_write, storable_labels, napari_writer
-from ._geometry import as_volume, frame_metadata, placement, slice_step
+from ._geometry import as_volume, frame_metadata, placement, regular_slots, slice_step
 
 SEG_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")  # binary/fractional, label map
 
@@ -63,6 +63,14 @@ def write_dicom_seg(
             f"labels have {labels.shape[0]} slices but the source series has {len(files)} files; "
             "DICOM-SEG needs the labels aligned with the series they were drawn on"
         )
+    # slices the reader inserted blank for missing images have no file to reference
+    missing = [z for z, f in enumerate(files) if not f]
+    drawn = [z for z in missing if labels[z].any()]
+    if drawn:
+        raise ValueError(f"labels on slice(s) {drawn}, which the series does not have (inserted blank "
+                         "for missing images): DICOM-SEG can only reference images that exist")
+    keep = [z for z, f in enumerate(files) if f]
+    labels, files = labels[keep], [files[z] for z in keep]
     sources = [_with_type2(pydicom.dcmread(f)) for f in files]
     if int(getattr(sources[0], "NumberOfFrames", 1) or 1) > 1:
         raise ValueError("DICOM-SEG export from enhanced multi-frame sources is not supported yet")
@@ -273,12 +281,17 @@ def read_seg(path, source_files: Sequence[str] | None = None) -> SegVolume:
     problems = []
     source = _source_grid(seg, source_files) if source_files else None
     if source is not None:
-        files = sorted(source, key=lambda f: float(source[f] @ normal))
-        grid = np.array([float(source[f] @ normal) for f in files])
-        origin = source[files[0]]
-        step = slice_step([source[f] for f in files], normal)[0] if len(files) > 1 else normal
-        index = [int(np.argmin(np.abs(grid - d))) for d in proj]
-        depth = len(files)
+        found = sorted(source, key=lambda f: float(source[f] @ normal))
+        grid = np.array([float(source[f] @ normal) for f in found])
+        origin = source[found[0]]
+        step = slice_step([source[f] for f in found], normal)[0] if len(found) > 1 else normal
+        slots, depth = regular_slots(grid) or (list(range(len(found))), len(found))  # as the image reader
+        files = [""] * depth
+        for f, slot in zip(found, slots):
+            files[slot] = f
+        if depth > len(found):
+            step = (source[found[-1]] - source[found[0]]) / (depth - 1)
+        index = [slots[int(np.argmin(np.abs(grid - d)))] for d in proj]
     else:
         files = []
         step = _frame_step(positions, proj, normal, measures)
