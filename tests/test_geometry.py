@@ -293,3 +293,22 @@ def test_coronal_and_sagittal_series_open_draw_and_sit_in_patient_space(make_nap
     for zyx in [(0, 0, 0), (7, 11, 9), (3, 5, 2)]:
         np.testing.assert_allclose(world(back, zyx), world(layer, zyx), atol=1e-4)
         np.testing.assert_allclose(sitk_world(sitk.ReadImage(path), zyx), sitk_world(ref, zyx), atol=1e-3)
+
+
+def test_tilted_nifti_opens_in_itk_tools_too(make_napari_viewer, tmp_path):
+    """The sform keeps the tilt; the qform (rigid) lets SimpleITK read the file at all."""
+    from napari_sam._qt.placement import placement
+
+    write_tilted_ct(tmp_path / "tilt")
+    viewer = make_napari_viewer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (layer,) = viewer.open(str(tmp_path / "tilt"), plugin="napari-sam-labeler")
+    labels = viewer.add_labels(np.ones(layer.data.shape, np.uint8), **placement(layer), metadata=dict(layer.metadata))
+    viewer.layers.selection = {labels}
+    (path,) = viewer.layers.save(str(tmp_path / "t.nii.gz"), selected=True, plugin="napari-sam-labeler")
+    header = nib.load(path).header
+    assert int(header["qform_code"]) > 0 and int(header["sform_code"]) > 0
+    ref = sitk.ReadImage(path)  # failed before: "ITK only supports orthonormal direction cosines"
+    assert ref.GetSize() == tuple(reversed(layer.data.shape))
+    np.testing.assert_allclose(ref.GetOrigin(), (-20.0, -16.0, 0.0), atol=1e-4)

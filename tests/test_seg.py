@@ -173,3 +173,33 @@ def test_missing_slice_series_image_and_seg_agree(make_napari_viewer, tmp_path):
     bad[3, 0, 0] = 1  # drawn on the inserted blank slice
     with pytest.raises(ValueError, match="does not have"):
         write_dicom_seg(tmp_path / "bad.dcm", bad, image.metadata["dicom"]["files"])
+
+
+def test_labelmap_seg_opens(series, labels, tmp_path):
+    """DICOM's label-map SEG (SOP class ...66.7, pixels are segment numbers), made by highdicom."""
+    from pydicom.sr.codedict import codes
+
+    from napari_sam.io.seg import read_seg
+
+    sources = [pydicom.dcmread(f) for f in series.files]
+    numbers = {4: 1, 17: 2}
+    label_map = np.zeros(labels.shape, np.uint8)
+    for label, number in numbers.items():
+        label_map[labels == label] = number
+    algorithm = hd.AlgorithmIdentificationSequence(name="test", version="1", family=codes.DCM.ArtificialIntelligence)
+    descriptions = [hd.seg.SegmentDescription(
+        segment_number=number, segment_label=f"segment {label}", segmented_property_category=codes.SCT.Tissue,
+        segmented_property_type=codes.SCT.Tissue, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm) for label, number in numbers.items()]
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=label_map, segmentation_type=hd.seg.SegmentationTypeValues.LABELMAP,
+        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=5, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer="test", manufacturer_model_name="test", software_versions="1",
+        device_serial_number="1")
+    seg.save_as(tmp_path / "labelmap.dcm")
+    vol = read_seg(tmp_path / "labelmap.dcm", series.files)
+    expected = np.zeros_like(labels)
+    for label, number in numbers.items():
+        expected[labels == label] = number  # not our file: segment numbers are the ids
+    np.testing.assert_array_equal(vol.labels, expected)
+    assert vol.names == {1: "segment 4", 2: "segment 17"}

@@ -22,10 +22,10 @@ def normalise(unit) -> str | None:
     if unit is None:
         return None
     text = str(unit).strip().replace("\\u00B5", "µ").replace("\\u00b5", "µ")
-    factor = _MICROMETRES.get(text) or _MICROMETRES.get(text.lower())
-    if factor is None:
-        return None
-    return _CANONICAL.get(factor, text)
+    for candidate in (text, text.lower()):
+        if candidate in _MICROMETRES:
+            return _CANONICAL.get(_MICROMETRES[candidate], candidate)
+    return None
 
 
 def convert(value: float, unit: str, to: str) -> float:
@@ -36,7 +36,7 @@ def convert(value: float, unit: str, to: str) -> float:
 def common_unit(sizes: dict, units: dict) -> tuple[dict, str | None]:
     """Per-axis sizes in per-axis units → the same sizes in one unit (None: unitless)."""
     known = {ax: normalise(units.get(ax)) for ax in sizes}
-    if not any(known.values()):
+    if not all(known.values()):  # none, or a mix of physical sizes and pixels: keep the numbers
         return dict(sizes), None
     named = {u for u in known.values() if u}
     target = named.pop() if len(named) == 1 else "µm"

@@ -26,6 +26,18 @@ def _nibabel():
     return nibabel
 
 
+def _rigid(ras: np.ndarray) -> np.ndarray:
+    """The affine without shear: in-plane axes kept, the slice axis along their normal,
+    spaced by the step's component along it (what a scanner without tilt would give)."""
+    out = np.array(ras, float)
+    i, j, k = (out[:3, n] for n in range(3))
+    normal = np.cross(i, j)
+    normal /= np.linalg.norm(normal)
+    along = float(k @ normal)
+    out[:3, 2] = normal * along
+    return out
+
+
 def is_nifti(path) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
@@ -39,7 +51,12 @@ def write_nifti(path, data: np.ndarray, affine_lps: np.ndarray, *, labels: bool 
     """
     nib = _nibabel()
     data = as_volume(storable_labels(data, f"NIfTI labels {path}") if labels else data, "NIfTI export")
-    img = nib.Nifti1Image(np.ascontiguousarray(data.transpose(2, 1, 0)), lps_zyx_to_ras_ijk(affine_lps))
+    ras = lps_zyx_to_ras_ijk(affine_lps)
+    img = nib.Nifti1Image(np.ascontiguousarray(data.transpose(2, 1, 0)), ras)
+    # sform: the exact placement (a gantry tilt's shear too); qform: its nearest rigid form,
+    # which ITK-based tools (SimpleITK, ITK-SNAP) fall back to when the sform is sheared
+    img.set_sform(ras, code=1)
+    img.set_qform(_rigid(ras), code=1)
     if labels:
         img.header.set_intent("label")
     img.header.set_xyzt_units("micron" if unit == "µm" else "mm")
@@ -49,23 +66,40 @@ def write_nifti(path, data: np.ndarray, affine_lps: np.ndarray, *, labels: bool 
 
 
 def read_nifti(path) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Read NIfTI as ``(data (Z, Y, X), affine_lps, is_labels)``; the data stay lazy
-    (a memory map for uncompressed files). The affine is in millimetres, or in micrometres
-    for a file that declares micron (microscopy): :func:`nifti_unit` says which."""
+    """Read NIfTI as ``(data, affine_lps, is_labels)``: data (Z, Y, X), or (T, Z, Y, X) for a
+    4D series (fMRI, DWI); lazy (a memory map for uncompressed files). The affine is in
+    millimetres, or in micrometres for a file that declares micron: :func:`nifti_unit`.
+
+    Labels: files with NIfTI's label intent (float files with whole-number values become
+    unsigned integers), or integer files named like labels (label/seg/mask) whose sampled
+    values look like ids (non-negative, at most 256 distinct values), so a ``*_masked`` MR
+    or an int16 CT of "segmental arteries" stays an image.
+    """
     nib = _nibabel()
     img = nib.load(str(path))
     data = np.asanyarray(img.dataobj)
     if data.ndim == 2:
         data = data[..., None]
-    if data.ndim != 3:
-        raise ValueError(f"{path}: only 2D/3D NIfTI is supported here, got shape {data.shape}")
-    intent = img.header.get_intent()[0]
-    name = Path(path).name.lower()
-    is_labels = intent == "label" or (data.dtype.kind in "iu" and any(w in name for w in _LABEL_WORDS))
+    if data.ndim not in (3, 4):
+        raise ValueError(f"{path}: NIfTI with {data.ndim} dimensions {data.shape}; 2D, 3D and 4D (time) are supported")
     affine = ras_ijk_to_lps_zyx(img.affine)
     if img.header.get_xyzt_units()[0] == "meter":
         affine[:3, :] *= 1e3
-    return data.transpose(2, 1, 0), affine, is_labels
+    data = data.transpose(tuple(reversed(range(data.ndim))))  # (X, Y, Z[, T]) -> ([T,] Z, Y, X)
+    is_labels = _looks_like_labels(data, img.header.get_intent()[0] == "label", Path(path).name.lower())
+    if is_labels and data.dtype.kind == "f":
+        data = storable_labels(np.asarray(data), f"NIfTI labels {path}")
+    return data, affine, is_labels
+
+
+def _looks_like_labels(data, label_intent: bool, name: str) -> bool:
+    sample = np.asarray(data[tuple(slice(None, None, max(1, n // 32)) for n in data.shape)])
+    whole = data.dtype.kind in "iub" or (sample.size and np.array_equal(sample, np.round(sample)))
+    if label_intent:
+        return bool(whole) and (not sample.size or sample.min() >= 0)
+    if data.dtype.kind not in "iu" or not any(word in name for word in _LABEL_WORDS):
+        return False
+    return bool(not sample.size or (sample.min() >= 0 and len(np.unique(sample)) <= 256))
 
 
 def nifti_unit(path) -> str:
@@ -82,16 +116,33 @@ def napari_get_reader(path):
 
 def _read_layers(path):
     data, affine, is_labels = read_nifti(path)
+    where = placement(affine, 3, nifti_unit(path))  # napari world = patient space (io/_geometry.py)
+    if data.ndim == 4:  # time first, then the placed volume
+        where = _with_time_axis(where)
     meta = {
         "name": Path(path).name.split(".nii")[0],
-        **placement(affine, 3, nifti_unit(path)),  # napari world = patient space (io/_geometry.py)
+        **where,
         "metadata": {"dicom": frame_metadata(affine), "source": str(path)},
     }
     return [(data, meta, "labels" if is_labels else "image")]
 
 
+def _with_time_axis(where: dict) -> dict:
+    out = {"scale": (1.0, *where["scale"]), "units": ("pixel", *where["units"])}
+    if "translate" in where:
+        out["translate"] = (0.0, *where["translate"])
+    if "affine" in where:
+        affine = np.eye(5)
+        affine[1:, 1:] = where["affine"]
+        out["affine"] = affine
+    return out
+
+
 @napari_writer
 def napari_write_labels(path: str, data, meta: dict) -> list[str]:
     """npe2 writer: a labels layer → NIfTI with the source geometry."""
+    if np.ndim(data) not in (2, 3):
+        raise ValueError(f"NIfTI labels are 2D or 3D; this layer is {np.ndim(data)}D {np.shape(data)} "
+                         "(save one time point, or save as OME-TIFF)")
     unit = layer_unit(meta) or "mm"  # what the layer's numbers (and its recorded affine) are in
     return [write_nifti(path, np.asarray(data), affine_from_layer_meta(meta, np.ndim(data)), labels=True, unit=unit)]

@@ -259,6 +259,7 @@ def read_seg(path, source_files: Sequence[str] | None = None) -> SegVolume:
     if pixels.ndim == 2:
         pixels = pixels[None]
     n = pixels.shape[0]
+    labelmap = str(getattr(seg, "SegmentationType", "BINARY")) == "LABELMAP"  # pixels are segment numbers
     if str(getattr(seg, "SegmentationType", "BINARY")) == "FRACTIONAL":
         pixels = pixels > float(getattr(seg, "MaximumFractionalValue", 255)) / 2.0
     orient = _item(seg, 0, "PlaneOrientationSequence")
@@ -273,10 +274,10 @@ def read_seg(path, source_files: Sequence[str] | None = None) -> SegVolume:
     for i in range(n):
         pos = _item(seg, i, "PlanePositionSequence")
         ident = _item(seg, i, "SegmentIdentificationSequence")
-        if pos is None or ident is None:
+        if pos is None or (ident is None and not labelmap):
             raise ValueError(f"{path}: frame {i} has no plane position or segment number")
         positions.append(np.array([float(v) for v in pos.ImagePositionPatient]))
-        numbers.append(int(ident.ReferencedSegmentNumber))
+        numbers.append(int(ident.ReferencedSegmentNumber) if ident is not None else 0)
     proj = np.array([p @ normal for p in positions])
     problems = []
     source = _source_grid(seg, source_files) if source_files else None
@@ -303,6 +304,8 @@ def read_seg(path, source_files: Sequence[str] | None = None) -> SegVolume:
     names, ids = {}, {}
     for desc in seg.SegmentSequence:
         number = int(desc.SegmentNumber)
+        if number == 0:  # a label map's "background" segment
+            continue
         tracking = str(getattr(desc, "TrackingID", "") or "")
         label = int(tracking[len(_TRACKING_PREFIX):]) if tracking.startswith(_TRACKING_PREFIX) else number
         ids[number], names[label] = label, str(getattr(desc, "SegmentLabel", f"segment {number}"))
@@ -310,6 +313,14 @@ def read_seg(path, source_files: Sequence[str] | None = None) -> SegVolume:
     dtype = np.uint8 if biggest < 256 else np.uint16 if biggest < 65536 else np.uint32
     labels = np.zeros((depth, *pixels.shape[1:]), dtype)
     overlap = 0
+    if labelmap:  # one frame per slice, pixel value = segment number
+        lut = np.zeros(max([*ids, int(pixels.max())]) + 1, labels.dtype)
+        for number, label in ids.items():
+            lut[number] = label
+        for i in range(n):
+            frame = pixels[i].astype(np.int64)
+            labels[index[i]][frame > 0] = lut[frame[frame > 0]]
+        numbers = []
     for i in np.argsort(numbers, kind="stable"):  # a higher segment number wins an overlap
         mask = pixels[i].astype(bool)
         view = labels[index[i]]

@@ -90,7 +90,11 @@ def napari_write_labels(path: str, data, meta: dict) -> list[str]:
     layer's unit (mm for medical layers, "pixel" for layers without one)."""
     scale = tuple(meta.get("scale") or (1.0,) * np.ndim(data))
     unit = layer_unit(meta) or "pixel"
-    return [write_ome_tiff(path, storable_labels(data, f"OME-TIFF labels {path}"), spacing_zyx=scale, unit=unit)]
+    axes = {2: "YX", 3: "ZYX", 4: "TZYX"}.get(np.ndim(data))  # labels have no channel axis
+    if axes is None:
+        raise ValueError(f"OME-TIFF labels are 2D to 4D (T, Z, Y, X); this layer has shape {np.shape(data)}")
+    return [write_ome_tiff(path, storable_labels(data, f"OME-TIFF labels {path}"), spacing_zyx=scale,
+                           axes=axes, unit=unit)]
 
 
 def napari_get_reader(path):
@@ -105,14 +109,15 @@ def _read_layers(path):
     data, axes, scale, unit = read_tiff(path)
     axes = axes.upper()
     meta = {"name": Path(path).name.split(".ome.")[0], "metadata": {"axes": axes, "source": str(path)}}
+    units = [unit if ax in "ZYX" and unit else "pixel" for ax in axes]
     if "S" in axes and axes.endswith("S") and data.shape[-1] in (3, 4):
         meta["rgb"] = True
-        scale = scale[:-1]
+        scale, units = scale[:-1], units[:-1]
     if "C" in axes:
         c = axes.index("C")
         meta["channel_axis"] = c
-        scale = scale[:c] + scale[c + 1:]
+        scale, units = scale[:c] + scale[c + 1:], units[:c] + units[c + 1:]
     meta["scale"] = tuple(scale)
     if unit is not None:
-        meta["units"] = tuple(unit if ax in "ZYX" else "pixel" for ax in axes if ax not in "CS")
+        meta["units"] = tuple(units)
     return [(data, meta, "image")]
