@@ -138,3 +138,22 @@ def blob_image():
     img[((rr - 60) / 30) ** 2 + ((cc - 70) / 40) ** 2 < 1] = 200
     img[((rr - 120) / 25) ** 2 + ((cc - 170) / 30) ** 2 < 1] = 150
     return np.clip(img, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def labeler(make_napari_viewer, tiny_sam_dir, qtbot):
+    """``make(data, **layer_kwargs)`` -> (viewer, SAM Labeler dock) on an image "img", tiny model on CPU."""
+    from napari_sam._qt.widget import SamLabelerWidget
+
+    def make(data, **layer_kwargs):
+        viewer = make_napari_viewer()
+        viewer.add_image(data, name="img", **layer_kwargs)
+        # Through the manifest, as users get it: napari passes the widget a proxy viewer.
+        _dock, widget = viewer.window.add_plugin_dock_widget("napari-sam-labeler")
+        assert isinstance(widget, SamLabelerWidget)
+        widget.model.model_edit.setText(str(tiny_sam_dir))
+        widget.model.device_combo.setCurrentText("cpu")
+        widget.model.dtype_combo.setCurrentText("fp32")
+        return viewer, widget
+
+    yield make

@@ -21,22 +21,6 @@ def blob_volume(blob_image):
     return np.stack([np.roll(blob_image, 3 * z, axis=1) for z in range(5)])
 
 
-@pytest.fixture
-def labeler(make_napari_viewer, tiny_sam_dir, qtbot):
-    def make(data, **layer_kwargs):
-        viewer = make_napari_viewer()
-        viewer.add_image(data, name="img", **layer_kwargs)
-        # Through the manifest, as users get it: napari passes the widget a proxy viewer.
-        _dock, widget = viewer.window.add_plugin_dock_widget("napari-sam-labeler")
-        assert isinstance(widget, SamLabelerWidget)
-        widget.model.model_edit.setText(str(tiny_sam_dir))
-        widget.model.device_combo.setCurrentText("cpu")
-        widget.model.dtype_combo.setCurrentText("fp32")
-        return viewer, widget
-
-    yield make
-
-
 def embed(qtbot, widget):
     with qtbot.waitSignal(widget.embedding_ready, timeout=TIMEOUT):
         widget.compute_embedding()

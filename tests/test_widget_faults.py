@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("qtpy")
 
-from test_widget import TIMEOUT, add_point, embed, labeler  # noqa: E402,F401  (fixture)
+from test_widget import TIMEOUT, add_point, embed  # noqa: E402
 
 
 def test_renaming_any_layer_changes_only_the_name(labeler, qtbot, blob_image):
@@ -64,3 +64,25 @@ def test_many_objects_fit_the_preview(labeler, qtbot, blob_image):
         widget.state.boxes.add_rectangles(corners)
     assert len(blocker.args[0]) == len(corners)
     assert widget.state.preview.data.max() <= 255
+
+
+@pytest.mark.parametrize("how", ["replace data", "edit in place"])
+def test_new_pixels_are_never_decoded_from_an_old_embedding(labeler, qtbot, blob_image, tiny_engine, how):
+    """Issue 18.3: replace layer.data with another image of the same shape (a filter, a reload)
+    or change its pixels in place; the next prompt uses an embedding of the pixels on screen."""
+    original = blob_image.copy()
+    viewer, widget = labeler(blob_image.copy())
+    embed(qtbot, widget)
+    other = np.ascontiguousarray(np.flipud(np.fliplr(original)))
+    image = viewer.layers["img"]
+    if how == "replace data":
+        image.data = other
+    else:
+        image.data[...] = other
+        image.refresh()
+    with qtbot.waitSignal(widget.preview_ready, timeout=TIMEOUT) as blocker:
+        widget.state.points.add(np.array([60.0, 70.0]))
+    fresh = tiny_engine.predict(tiny_engine.embed(other), points=[[60, 70]], point_labels=[1])
+    stale = tiny_engine.predict(tiny_engine.embed(original), points=[[60, 70]], point_labels=[1])
+    assert not np.array_equal(fresh.masks, stale.masks)  # the test can tell them apart
+    np.testing.assert_array_equal(blocker.args[0][0].masks, fresh.masks)

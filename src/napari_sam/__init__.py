@@ -47,7 +47,8 @@ _LAZY = {
 
 __all__ = ["__version__", *_LAZY]
 
-if TYPE_CHECKING:  # pragma: no cover
+if TYPE_CHECKING:  # pragma: no cover  (names for type checkers; resolved lazily below)
+    # ruff: noqa: F401
     from ._types import ImageEmbedding, IntensityMapping, ModelInputSpec, Prediction, Prompt
     from .checkpoints import DEFAULT_MODEL, ModelNotFoundError, resolve_model_source
     from .engine import SamEngine, load_model

@@ -32,13 +32,22 @@ __all__ = [
     "DEFAULT_MODEL", "MODEL_ENV", "ModelNotFoundError", "SamEngine", "load_model", "model_status",
     "ModelStatus", "resolve_device_dtype",
     # embeddings and the persistent cache
-    "EmbeddingCache", "CacheStats", "embed_cached", "embed_cached_steps",
+    "EmbeddingCache", "CacheStats", "embed_cached", "embed_cached_steps", "embedding_key",
     # files
     "read_image", "open_volume", "write_labels_tiff",
     # 2D and 3D segmentation
     "ObjectResult", "segment_2d", "Stack", "StackProgress", "segment_volume",
     "StopRule", "PropagationStep", "PropagationSummary", "propagate_labels",
 ]
+
+
+def embedding_key(engine: SamEngine, image: np.ndarray, mapping) -> str:
+    """The content key of ``image``'s embedding: pixels, model and intensity mapping (the
+    persistent cache's key). Equal pixels give equal keys, so an embedding found by it always
+    belongs to the pixels given, however they were loaded or changed."""
+    from .cache import engine_cache_key, slice_key
+
+    return slice_key(np.asarray(image), engine_cache_key(engine), mapping)
 
 
 def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:

@@ -46,8 +46,13 @@ def default_cache_dir() -> Path:
 
 
 def slice_key(image: np.ndarray, model_key: str, mapping: IntensityMapping) -> str:
-    """The cache key of one 2D image: pixels + model identity + intensity mapping."""
+    """The cache key of one 2D image: pixels + model identity + intensity mapping.
+
+    Equal pixel values give equal keys whatever the memory layout or byte order (a
+    big-endian TIFF read memory-mapped and the same file read into memory)."""
     data = np.ascontiguousarray(image)
+    if not data.dtype.isnative:
+        data = data.astype(data.dtype.newbyteorder("="))
     h = hashlib.blake2b(digest_size=20)
     h.update(f"v{FORMAT_VERSION}|{data.shape}|{data.dtype.str}|{model_key}|{mapping.key()}|".encode())
     h.update(memoryview(data).cast("B"))

@@ -15,7 +15,7 @@ from napari.utils import progress
 from napari.utils.notifications import show_error, show_warning
 from qtpy.QtWidgets import QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLineEdit, QPushButton
 
-from ..api import DEFAULT_MODEL, MODEL_ENV, embed_cached_steps
+from ..api import DEFAULT_MODEL, MODEL_ENV, embed_cached_steps, embedding_key
 from ..preprocess import CT_PRESETS, resolve_intensity
 from .controls import button, combo, row
 from .state import LabelerState, load_engine
@@ -134,7 +134,6 @@ class ModelPanel(QGroupBox):
             return
         window = self.window_choice()
         uid = layer.unique_id
-        state.forget_embeddings(uid)
         if window is None:
             state.mappings.pop(uid, None)  # resolved from the data in the next worker
         else:
@@ -178,7 +177,6 @@ class ModelPanel(QGroupBox):
         mapping = state.mappings.get(layer.unique_id)
         data, rgb = layer.data, layer.rgb
         options = state.intensity_options(layer)
-        key = state.embedding_key(layer, z)
         cache = state.cache
 
         def work():
@@ -195,7 +193,7 @@ class ModelPanel(QGroupBox):
                 try:
                     done, total = next(steps)
                 except StopIteration as stop:
-                    return engine, mapping, stop.value
+                    return engine, mapping, embedding_key(engine, image, mapping), stop.value
                 yield ("Embedding", done, total)
 
         where = "" if z is None else f" slice {z}"
@@ -207,7 +205,7 @@ class ModelPanel(QGroupBox):
         # instead of being re-raised in the event loop.
         state.embed_worker = create_worker(work, _connect={
             "yielded": self._on_progress,
-            "returned": partial(self._on_embedded, key, requested, layer.unique_id),
+            "returned": partial(self._on_embedded, requested, layer.unique_id),
             "errored": state.report_error,
             "aborted": self._on_aborted,
             "finished": self._on_finished,
@@ -230,9 +228,9 @@ class ModelPanel(QGroupBox):
         bar.n = done
         bar.refresh()
 
-    def _on_embedded(self, key, engine_key, layer_id, result) -> None:
+    def _on_embedded(self, engine_key, layer_id, result) -> None:
         state = self.state
-        engine, mapping, embedding = result
+        engine, mapping, key, embedding = result
         state.use_engine(engine, engine_key)
         state.mappings[layer_id] = mapping
         state.remember_embedding(key, embedding)

@@ -15,7 +15,7 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_error
 from qtpy.QtCore import QObject, Signal
 
-from ..api import EmbeddingCache, load_model
+from ..api import EmbeddingCache, embedding_key, load_model
 from .layer_choice import LayerChoice
 from .placement import world_to_drawn_data
 
@@ -55,8 +55,9 @@ class LabelerState(QObject):
         # model: the engine and the (model, device, dtype) it was loaded for
         self.engine = None
         self.engine_key = None
-        # in-session embeddings {(layer uid, slice): ImageEmbedding} and SAM intensity
-        # mappings {layer uid: IntensityMapping}; the persistent cache is keyed by content
+        # in-session embeddings {content key: ImageEmbedding} (pixels + model + mapping, as
+        # the persistent cache: replaced or edited pixels never meet an old embedding) and
+        # SAM intensity mappings {layer uid: IntensityMapping}
         self.embeddings: OrderedDict = OrderedDict()
         self.mappings: dict = {}
         self.cache = EmbeddingCache()  # $NAPARI_SAM_CACHE or the user cache folder
@@ -136,8 +137,14 @@ class LabelerState(QObject):
             self.boxes = None
         elif layer == self.preview:
             self.preview = None
-        self.forget_embeddings(layer.unique_id)
         self.mappings.pop(layer.unique_id, None)
+
+    def data_changed(self, layer) -> None:
+        """New pixels in ``layer``: a contrast computed from the old ones is dropped (a chosen
+        window stays); embeddings need nothing, they are keyed by content."""
+        mapping = self.mappings.get(layer.unique_id)
+        if mapping is not None and mapping.mode != "window":
+            self.mappings.pop(layer.unique_id, None)
 
     # --- coordinates ------------------------------------------------------------------
 
@@ -194,27 +201,21 @@ class LabelerState(QObject):
             self.engine = None
             self.embeddings.clear()
 
-    @staticmethod
-    def embedding_key(layer: Image, z):
-        return (layer.unique_id, z)
-
     def current_embedding(self):
-        """The kept embedding for the image and slice on screen, or None."""
+        """The kept embedding of the pixels on screen (image, slice, contrast, model), or None."""
         layer = self.image_layer
-        if layer is None:
+        mapping = None if layer is None else self.mappings.get(layer.unique_id)
+        if mapping is None or self.engine is None:
             return None
-        emb = self.embeddings.get(self.embedding_key(layer, self.current_slice(layer)))
-        if emb is not None and self.engine is not None and emb.model_id != self.engine.model_id:
-            return None
-        return emb
+        z = self.current_slice(layer)
+        image = np.asarray(layer.data if z is None else layer.data[z])
+        return self.embeddings.get(embedding_key(self.engine, image, mapping))
 
     def remember_embedding(self, key, embedding) -> None:
         self.embeddings[key] = embedding
         while len(self.embeddings) > MAX_CACHED_EMBEDDINGS:
             self.embeddings.popitem(last=False)
 
-    def forget_embeddings(self, layer_id) -> None:
-        self.embeddings = OrderedDict((k, v) for k, v in self.embeddings.items() if k[0] != layer_id)
 
 
 def load_engine(requested):

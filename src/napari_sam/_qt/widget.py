@@ -88,15 +88,27 @@ class SamLabelerWidget(QWidget):
         layers.events.removed.connect(lambda event: self.state.forget_layer(event.value))
         layers.events.removed.connect(self.refresh_layer_choices)
         for layer in layers:
-            layer.events.name.connect(self.refresh_layer_choices)
+            self._watch(layer)
         self.viewer.dims.events.current_step.connect(self.prompts.on_slice_changed)
         self.state.image_combo.currentIndexChanged.connect(self._on_image_changed)
         for key, func in (("Enter", self.labels.commit), ("Escape", self.prompts.clear_prompts)):
             self.viewer.bind_key(key, lambda _viewer, f=func: f(), overwrite=True)
 
     def _on_layer_inserted(self, event) -> None:
-        event.value.events.name.connect(self.refresh_layer_choices)
+        self._watch(event.value)
         self.refresh_layer_choices()
+
+    def _watch(self, layer) -> None:
+        layer.events.name.connect(self.refresh_layer_choices)
+        layer.events.data.connect(lambda _event, layer=layer: self._on_data_changed(layer))
+
+    def _on_data_changed(self, layer) -> None:
+        """New pixels (a filter, a reload, a new time point): the next prompt embeds them."""
+        if layer in (self.state.points, self.state.boxes, self.state.preview):
+            return
+        self.state.data_changed(layer)
+        if layer == self.state.image_layer:
+            self.prompts.invalidate_preview()
 
     def refresh_layer_choices(self, event=None) -> None:
         """Offer the viewer's layers by name, keep the chosen ones by identity (a rename or
