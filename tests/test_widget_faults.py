@@ -86,3 +86,20 @@ def test_new_pixels_are_never_decoded_from_an_old_embedding(labeler, qtbot, blob
     stale = tiny_engine.predict(tiny_engine.embed(original), points=[[60, 70]], point_labels=[1])
     assert not np.array_equal(fresh.masks, stale.masks)  # the test can tell them apart
     np.testing.assert_array_equal(blocker.args[0][0].masks, fresh.masks)
+
+
+def test_the_plugins_layers_leave_naparis_world_alone(labeler, qtbot):
+    """Issue 18.4: with the dock open on a 120x160 image, napari's New labels layer made a
+    513x513 layer (the empty prompt layers fell back to napari's default 512-pixel world)."""
+    image = np.zeros((120, 160), np.uint8)
+    viewer, widget = labeler(image)
+    assert viewer.layers.selection.active is not None
+    viewer._new_labels()  # what the layer list's "New labels layer" button calls
+    assert viewer.layers[-1].data.shape == (120, 160)
+    np.testing.assert_allclose(viewer.layers.extent.world, [[0, 0], [119, 159]])
+    viewer.layers.remove(viewer.layers[-1])
+    volume = np.zeros((7, 50, 60), np.uint8)
+    viewer3, _widget3 = labeler(volume, scale=(2.0, 0.5, 0.5))
+    viewer3._new_labels()
+    assert viewer3.layers[-1].data.shape == (7, 50, 60)
+    assert viewer3.dims.range[0].stop == pytest.approx(12.0)

@@ -20,6 +20,29 @@ from .placement import drawn_placement
 from .state import BOXES_NAME, NEGATIVE, POINTS_NAME, POSITIVE, PREVIEW_NAME, LabelerState
 
 
+class _ImageExtent:
+    """A prompt layer that, while empty, spans its image instead of napari's default
+    512-pixel world: napari's *New labels layer* (sized from the active layer), *reset view*
+    and the sliders then see exactly the image, as without the plugin."""
+
+    image_extent = None  # (2, ndim) in the layer's data coordinates, set by PromptPanel
+
+    @property
+    def _extent_data(self) -> np.ndarray:
+        extent = super()._extent_data
+        if self.image_extent is not None and np.isnan(extent).all():
+            return np.array(self.image_extent, float)
+        return extent
+
+
+class PromptPoints(_ImageExtent, Points):
+    pass
+
+
+class PromptBoxes(_ImageExtent, Shapes):
+    pass
+
+
 class PromptPanel(QGroupBox):
     """Negative-point toggle, multimask and candidates; owns prompt decoding and the preview."""
 
@@ -59,7 +82,7 @@ class PromptPanel(QGroupBox):
                 viewer.layers.remove(state.points)
             features = pd.DataFrame({"sign": pd.Categorical([], categories=[POSITIVE, NEGATIVE])})
             size = max(3.0, max(spatial[-2:]) / 80)
-            state.points = Points(
+            state.points = PromptPoints(
                 np.empty((0, nd)), ndim=nd, name=POINTS_NAME, features=features,
                 feature_defaults={"sign": POSITIVE}, face_color="sign",
                 face_color_cycle=["#33ff33", "#ff3333"], border_color="white", size=size, **where,
@@ -70,7 +93,7 @@ class PromptPanel(QGroupBox):
         if state.boxes is None or state.boxes.ndim != nd:
             if state.boxes is not None:
                 viewer.layers.remove(state.boxes)
-            state.boxes = Shapes(
+            state.boxes = PromptBoxes(
                 ndim=nd, name=BOXES_NAME, edge_color="yellow", face_color="transparent",
                 edge_width=max(1.0, max(spatial[-2:]) / 300), **where,
             )
@@ -84,6 +107,10 @@ class PromptPanel(QGroupBox):
                 np.zeros(spatial, np.uint8), name=PREVIEW_NAME, opacity=0.55, **where,
             )
             viewer.add_layer(state.preview)
+        extent = np.array([[0] * nd, [n - 1 for n in spatial]], float)
+        for layer in (state.points, state.boxes):
+            layer.image_extent = extent
+            layer.refresh()  # napari caches the extent
         labels = self.host.labels
         for layer in (state.points, state.boxes, state.preview):
             for name, value in where.items():  # the image may have moved since
