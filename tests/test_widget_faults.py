@@ -103,3 +103,34 @@ def test_the_plugins_layers_leave_naparis_world_alone(labeler, qtbot):
     viewer3._new_labels()
     assert viewer3.layers[-1].data.shape == (7, 50, 60)
     assert viewer3.dims.range[0].stop == pytest.approx(12.0)
+
+
+def test_kill_9_right_after_a_commit_loses_nothing(make_napari_viewer, qtbot, tmp_path, blob_image, tiny_sam_dir,
+                                                   tiny_engine):
+    """Issue 18.5: napari killed right after a commit; reopening the image offers the labels."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not os.environ.get("DISPLAY"):
+        pytest.skip("needs a display (pytest-xvfb provides one)")
+    np.save(tmp_path / "cells.npy", blob_image)
+    script = Path(__file__).with_name("crash_after_commit.py")
+    res = subprocess.run([sys.executable, str(script), str(tmp_path / "cells.npy"), str(tiny_sam_dir)],
+                         capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    expected = tiny_engine.predict(tiny_engine.embed(blob_image), points=[[60, 70]], point_labels=[1]).masks[0]
+    viewer = make_napari_viewer()
+    viewer.add_image(np.load(tmp_path / "cells.npy"), name="opened again")  # same pixels, new array
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-sam-labeler")
+    assert widget.autosave.isVisibleTo(widget) and "kept safe" in widget.autosave.note.text()
+    widget.autosave.restore()
+    restored = widget.state.labels_layer
+    assert restored is not None and restored.name == "SAM labels (restored)"
+    np.testing.assert_array_equal(np.asarray(restored.data) == 1, expected)
+    assert set(np.unique(restored.data)) == {0, 1}
+    widget.autosave.discard()
+    widget.autosave.offer(widget.state.image_layer)
+    assert not widget.autosave.isVisibleTo(widget)

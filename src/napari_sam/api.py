@@ -21,6 +21,7 @@ import numpy as np
 from . import annotate
 from . import preprocess as pp
 from ._fileio import atomic_write, storable_labels
+from .autosave import Autosave, image_key
 from .cache import CacheStats, EmbeddingCache
 from .checkpoints import DEFAULT_MODEL, MODEL_ENV, ModelNotFoundError, hub_cache_path, resolve_model_source
 from .engine import SamEngine, load_model
@@ -33,6 +34,8 @@ __all__ = [
     "ModelStatus", "resolve_device_dtype",
     # embeddings and the persistent cache
     "EmbeddingCache", "CacheStats", "embed_cached", "embed_cached_steps", "embedding_key",
+    # labels kept safe as they are committed
+    "Autosave", "image_key",
     # files
     "read_image", "open_volume", "write_labels_tiff",
     # 2D and 3D segmentation

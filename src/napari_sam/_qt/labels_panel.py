@@ -105,6 +105,7 @@ class LabelsPanel(QGroupBox):
         if plan.size:
             indices = plan.indices if z is None else (np.full(plan.indices[0].shape, z),) + plan.indices
             target.data_setitem(indices, plan.values)
+        self.host.autosave.saved(target, None if z is None else [z])  # survives a crash from here on
         if z is not None:  # the user's own slices bound later propagation
             seeds = state.seed_slices.setdefault(target.unique_id, {})
             for label in plan.ids:
@@ -139,12 +140,14 @@ class LabelsPanel(QGroupBox):
         layer = self.state.labels_layer
         if layer is not None:
             layer.undo()
+            self.host.autosave.saved(layer, "known")
 
     def redo(self) -> None:
         """Redo the last undone edit of the labels layer."""
         layer = self.state.labels_layer
         if layer is not None:
             layer.redo()
+            self.host.autosave.saved(layer, "known")
 
     # --- refine -------------------------------------------------------------------------
 

@@ -220,6 +220,7 @@ class StackPanel(QGroupBox):
             changed = np.nonzero(work_labels != original)
             if changed[0].size:
                 target.data_setitem(changed, work_labels[changed])  # one undo step
+                self.host.autosave.saved(target, np.unique(changed[0]).tolist())
             reached = sorted({zz for zs in summary.slices.values() for zz in zs})
             where = f"slices {reached[0]}-{reached[-1]}" if reached else "no other slice"
             state.set_status(f"Propagated label(s) {', '.join(map(str, ids))} to {where}. Ctrl+Z reverts.")

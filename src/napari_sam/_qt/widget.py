@@ -19,6 +19,7 @@ from napari.layers import Image, Labels
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QFrame, QLabel, QScrollArea, QVBoxLayout, QWidget
 
+from .autosave_panel import AutosavePanel
 from .labels_panel import LabelsPanel
 from .model_panel import ModelPanel
 from .prompt_panel import PromptPanel
@@ -47,6 +48,7 @@ class SamLabelerWidget(QWidget):
         self.prompts = PromptPanel(self.state, self)
         self.labels = LabelsPanel(self.state, self)
         self.stack = StackPanel(self.state, self)
+        self.autosave = AutosavePanel(self.state, self)
         self._build_ui()
         self._connect_viewer()
         self.refresh_layer_choices()
@@ -56,7 +58,7 @@ class SamLabelerWidget(QWidget):
         # pushing napari's window past the bottom of the screen.
         content = QWidget()
         layout = QVBoxLayout(content)
-        for panel in (self.model, self.prompts, self.labels, self.stack):
+        for panel in (self.model, self.prompts, self.labels, self.autosave, self.stack):
             layout.addWidget(panel)
         self.status = QLabel("Choose an image, then add points or boxes.")
         self.status.setWordWrap(True)
@@ -129,6 +131,7 @@ class SamLabelerWidget(QWidget):
             return
         self.prompts.ensure_layers(layer)
         self.stack.show_for(layer)
+        self.autosave.offer(layer)
         self._fit_scroll_width()
         self.model.window_for(layer)
         self.state.set_status(f"{layer.name}: add points (click) or boxes, or press Compute embedding.")
