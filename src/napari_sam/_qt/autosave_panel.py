@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 from napari.layers import Labels
-from napari.utils.notifications import show_warning
+from napari.utils.notifications import show_info, show_warning
 from qtpy.QtWidgets import QGroupBox, QLabel, QVBoxLayout
 
 from ..api import Autosave, image_key
@@ -56,6 +56,8 @@ class AutosavePanel(QGroupBox):
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(info["time"]))
             self.note.setText(f"Labels committed on this image ({info['labels'] or 'labels'}, {when}, "
                               f"{info['slices']} slice(s)) were kept safe.")
+            show_info(f"SAM Labeler: autosaved labels of {image.name} from {when}: Restore or Discard them "
+                      "at the top of the SAM Labeler.")
 
     def saved(self, target: Labels, slices) -> None:
         """Keep ``slices`` of ``target`` (None: the whole 2D layer; "known": every saved slice)."""

@@ -58,7 +58,8 @@ class SamLabelerWidget(QWidget):
         # pushing napari's window past the bottom of the screen.
         content = QWidget()
         layout = QVBoxLayout(content)
-        for panel in (self.model, self.prompts, self.labels, self.autosave, self.stack):
+        # the restore offer first: it only shows when there is something to restore
+        for panel in (self.autosave, self.model, self.prompts, self.labels, self.stack):
             layout.addWidget(panel)
         self.status = QLabel("Choose an image, then add points or boxes.")
         self.status.setWordWrap(True)
