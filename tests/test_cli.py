@@ -209,3 +209,41 @@ def test_volume_user_errors(args, message, volume_file, image_file, tmp_path, ti
     assert res.returncode == 2, res.stderr
     lines = [line for line in res.stderr.splitlines() if "error:" in line]
     assert len(lines) == 1 and message in lines[0], res.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["segment", "{vol}", "--slice", "{n}", "--point", "5,5", "-o", "o.tif"], "--slice {n} is outside the stack"),
+        (["segment", "{vol}", "--slice", "-1", "--point", "5,5", "-o", "o.tif"], "--slice -1 is outside the stack"),
+        (["segment", "{vol}", "--slice", "0", "--axis", "3", "--point", "5,5", "-o", "o.tif"], "axis=3 is out of range"),
+        (["segment", "{rgb}", "--channel", "5", "--point", "5,5", "-o", "o.tif"], "channel=5 is out of range"),
+        (["embed", "{vol}", "--slices", "100:120"], "selects no slice"),
+    ],
+)
+def test_index_errors_exit_2_before_the_model_loads(args, message, volume_file, tmp_path):
+    """Issue 20.6: a 5-slice stack with --slice 5 gave an IndexError traceback after loading the
+    model. Checked first: the model named here does not even exist, and the index error wins."""
+    n = tifffile.imread(volume_file).shape[0]
+    rgb = tmp_path / "rgb.tif"
+    tifffile.imwrite(rgb, np.zeros((20, 30, 3), np.uint8))
+    args = [a.format(vol=volume_file, rgb=rgb, n=n) for a in args]
+    args = [str(tmp_path / a) if a == "o.tif" else a for a in args]
+    res = run_cli(*args, "--model", str(tmp_path / "no-such-model"))
+    assert res.returncode == 2, res.stderr
+    lines = [line for line in res.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and message.format(n=n) in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_extreme_aspect_ratio_segments(tiny_sam_dir, tmp_path):
+    """Issue 20.7: a 2 x 5000 strip failed with "height and width must be > 0"."""
+    strip = np.zeros((2, 5000), np.uint8)
+    strip[:, 2000:2600] = 200
+    path = tmp_path / "strip.tif"
+    tifffile.imwrite(path, strip)
+    out = tmp_path / "strip_labels.tif"
+    res = run_cli("segment", str(path), "--box", "0,1900,1,2700", "--model", str(tiny_sam_dir), "--device", "cpu",
+                  "-o", str(out))
+    assert res.returncode == 0, res.stderr
+    assert tifffile.imread(out).shape == (2, 5000)

@@ -214,3 +214,25 @@ def test_tiny_model_end_to_end(tiny_engine, tmp_path):
             assert mask.shape == truth.shape[1:] and mask.dtype == bool and mask.any()
     visited = {s.z for s in steps}
     assert cache.stats().entries == len(visited)  # each visited slice embedded once, cached
+
+
+@pytest.mark.parametrize("seed", [6, 18, 11])
+def test_nothing_outside_the_range_is_written(seed):
+    """Issue 20.8: z_range=(9, 14) with a seed on 6 wrote 7 and 8; a seed on 18 wrote 15-17."""
+    truth = phantom()
+    engine = StandInEngine(truth)
+    labels = np.zeros(truth.shape, np.uint8)
+    labels[seed][truth[seed] == 1] = 1
+    labels[7, 0:3, 0:3] = 9  # the user's own labels outside the range
+    labels[16, 0:3, 0:3] = 9
+    before = labels.copy()
+    steps, summary = run(propagate(engine, lambda z: z, {seed: seeds_from_labels(labels[seed], ids=[1])},
+                                   len(truth), z_range=(9, 14)))
+    assert steps and {step.z for step in steps} <= set(range(9, 15))
+    assert set(summary.slices[1]) <= set(range(9, 15))
+    for step in steps:
+        labels[step.z][step.masks[1]] = 1
+    outside = [z for z in range(len(truth)) if not 9 <= z <= 14 and z != seed]
+    np.testing.assert_array_equal(labels[outside], before[outside])
+    # the object is carried into the range from an outside seed: slices 9..14 all get it
+    assert all((labels[z] == 1).any() for z in range(9, 15) if (truth[z] == 1).any())

@@ -20,6 +20,7 @@ import numpy as np
 
 from . import annotate
 from . import preprocess as pp
+from .preprocess import resolve_intensity
 from ._fileio import atomic_write, storable_labels
 from .autosave import Autosave, image_key
 from .cache import CacheStats, EmbeddingCache
@@ -31,7 +32,7 @@ from .volume import Stack, StackProgress, embed_cached, embed_cached_steps
 __all__ = [
     # models
     "DEFAULT_MODEL", "MODEL_ENV", "ModelNotFoundError", "SamEngine", "load_model", "model_status",
-    "ModelStatus", "resolve_device_dtype",
+    "ModelStatus", "resolve_device_dtype", "resolve_intensity",
     # embeddings and the persistent cache
     "EmbeddingCache", "CacheStats", "embed_cached", "embed_cached_steps", "embedding_key",
     # labels kept safe as they are committed

@@ -80,7 +80,10 @@ def _slices(text: str | None, n: int):
         raise UserError(f"--slices {text!r} must look like START:STOP") from None
     if len(parts) != 2:
         raise UserError(f"--slices {text!r} must look like START:STOP")
-    return range(n)[slice(*parts)]
+    chosen = range(n)[slice(*parts)]
+    if len(chosen) == 0:
+        raise UserError(f"--slices {text!r} selects no slice of the stack's {n} (0 to {n - 1})")
+    return chosen
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,10 +192,17 @@ def cmd_segment(args) -> int:
         raise UserError(f"{args.output} exists; pass --overwrite to replace it")
     points = [p[:2] for p in args.point] or None
     labels = [int(p[2]) if len(p) == 3 else 1 for p in args.point] or None
+    # Every index, axis, range and channel is checked before the model loads (minutes for ViT-L).
+    if stack_like:
+        stack = api.Stack(image, axis=args.axis, **_intensity(args))
+        if not 0 <= args.slice < len(stack):
+            raise UserError(f"--slice {args.slice} is outside the stack: it has {len(stack)} slices "
+                            f"(0 to {len(stack) - 1}) along axis {args.axis}")
+    else:
+        api.resolve_intensity(image, **_intensity(args))  # --channel/--window/--preset checked now
     engine = _load_engine(args)
     cache = _open_cache(args)
     if stack_like:
-        stack = api.Stack(image, axis=args.axis, **_intensity(args))
         print(f"{engine}; slice {args.slice} of {args.image} {image.shape} ...", file=sys.stderr)
         label_image, objects, summary = api.segment_volume(
             engine, stack, args.slice, points=points, point_labels=labels, boxes=args.box or None,

@@ -291,8 +291,9 @@ def resized_shape(original_size: Sequence[int], spec: ModelInputSpec) -> tuple[i
     if spec.resize == "stretch":
         return spec.target_length, spec.target_length
     scale = spec.target_length / max(h, w)
-    # Same rounding as Meta's ResizeLongestSide and transformers' SamImageProcessor.
-    return int(h * scale + 0.5), int(w * scale + 0.5)
+    # Same rounding as Meta's ResizeLongestSide and transformers' SamImageProcessor; at
+    # least one pixel on each side (a 2 x 5000 strip would otherwise round to height 0).
+    return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
 
 
 def model_input(rgb: np.ndarray, spec: ModelInputSpec) -> tuple[np.ndarray, tuple[int, int]]:

@@ -147,7 +147,9 @@ def propagate(
     direction : {"both", "up", "down"}
         "up" is increasing slice index.
     z_range : (int, int), optional
-        Inclusive slice limits.
+        Inclusive slice limits: nothing outside them is yielded (so nothing is written
+        there). A seed outside the range still leads its objects into it: the slices in
+        between are predicted to carry the object, not written.
     rule : StopRule, optional
     interior_point : bool
         Add a positive point at the deepest pixel of the previous mask.
@@ -230,11 +232,13 @@ def propagate(
                     continue
                 result.masks[t.obj] = mask
                 result.scores[t.obj] = score
-                summary.slices.setdefault(t.obj, []).append(z)
+                if z_min <= z <= z_max:
+                    summary.slices.setdefault(t.obj, []).append(z)
                 t.mask, t.logits = mask, pred.logits[0]
                 survivors.append(t)
             tracks = survivors
-            yield result
+            if z_min <= z <= z_max:
+                yield result
     return summary
 
 
