@@ -23,7 +23,8 @@ def iou(a, b):
 
 
 def chunk_files(directory: Path):
-    return [p for p in directory.rglob("*") if p.is_file() and p.name != "zarr.json" and ".tmp" not in p.parts]
+    metadata = {"zarr.json", ".zarray", ".zattrs", ".zgroup"}
+    return [p for p in directory.rglob("*") if p.is_file() and p.name not in metadata and ".tmp" not in p.parts]
 
 
 def test_round_trip_memory_and_disk(tiny_engine, blob_image, tmp_path):
@@ -93,7 +94,7 @@ def test_corrupt_entries_are_detected_recomputed_never_served(tiny_engine, blob_
     elif damage == "drop_chunk":
         chunk.unlink()
     else:
-        (next(tmp_path.rglob("zarr.json"))).write_text("{not json")
+        (next(tmp_path.rglob(".zarray"))).write_text("{not json")
     cache = EmbeddingCache(tmp_path)
     key = slice_key(blob_image, engine_cache_key(tiny_engine), mapping)
     assert cache.get(key, tiny_engine) is None
@@ -203,3 +204,46 @@ def test_clear(tiny_engine, blob_image, tmp_path):
     assert not (tmp_path / ".tmp").exists()
     assert cache.get(slice_key(blob_image, engine_cache_key(tiny_engine), pp.resolve_intensity(blob_image)),
                      tiny_engine) is None  # memory was cleared too
+
+
+def test_entries_are_written_in_the_format_both_zarr_versions_read(tiny_engine, blob_image, tmp_path, monkeypatch):
+    """Issue 20.4: one cache folder, an install with zarr 3 and one with zarr 2."""
+    import zarr
+
+    mapping = pp.resolve_intensity(blob_image)
+    embed_cached(tiny_engine, blob_image, mapping=mapping, cache=EmbeddingCache(tmp_path))
+    (entry,) = [p for p in tmp_path.rglob("*.zarr") if ".tmp" not in p.parts]
+    assert (entry / ".zarray").exists() and not (entry / "zarr.json").exists()  # zarr's v2 format
+    # an entry in zarr's v3 format, met by an install with zarr 2: skipped, never deleted
+    v3 = tmp_path / "ab" / ("ab" + "0" * 38 + ".zarr")
+    zarr.open_array(store=str(v3), mode="w", shape=(2,), dtype="float16",
+                    **({"zarr_format": 3} if int(zarr.__version__.split(".")[0]) >= 3 else {}))
+    if not (v3 / "zarr.json").exists():
+        pytest.skip("this zarr cannot write the v3 format")
+    monkeypatch.setattr(zarr, "__version__", "2.18.3")
+    cache = EmbeddingCache(tmp_path)
+    assert cache.get("ab" + "0" * 38, tiny_engine) is None
+    assert cache.unreadable == 1 and cache.corrupt == 0 and v3.exists()
+
+
+def test_a_cache_that_cannot_be_written_warns_once_and_work_goes_on(tiny_engine, blob_image, tmp_path, monkeypatch):
+    """Issue 20.5: a read-only cache folder made `segment` fail; the cache is an optimisation."""
+    from napari_sam.cache import CacheWarning
+
+    mapping = pp.resolve_intensity(blob_image)
+    first = embed_cached(tiny_engine, blob_image, mapping=mapping, cache=EmbeddingCache(tmp_path))
+
+    def read_only(*_args, **_kwargs):
+        raise PermissionError(30, "Read-only file system")
+
+    monkeypatch.setattr("os.utime", read_only)
+    reader = EmbeddingCache(tmp_path)
+    again = embed_cached(tiny_engine, blob_image, mapping=mapping, cache=reader)
+    assert reader.hits == 1  # served from the disk store anyway (was: PermissionError from utime)
+    np.testing.assert_allclose(again.features.numpy(), first.features.numpy(), atol=2e-2)
+    monkeypatch.setattr(EmbeddingCache, "_write", lambda self, key, emb: read_only())
+    cache = EmbeddingCache(tmp_path / "other")
+    with pytest.warns(CacheWarning, match="cannot be written") as record:
+        for image in (blob_image, blob_image[::-1].copy()):
+            embed_cached(tiny_engine, image, mapping=mapping, cache=cache)
+    assert len([w for w in record if issubclass(w.category, CacheWarning)]) == 1

@@ -247,3 +247,25 @@ def test_extreme_aspect_ratio_segments(tiny_sam_dir, tmp_path):
                   "-o", str(out))
     assert res.returncode == 0, res.stderr
     assert tifffile.imread(out).shape == (2, 5000)
+
+
+def test_big_endian_stack_is_cached_once(tiny_sam_dir, tmp_path, blob_image):
+    """Issue 20.3: `embed` read the big-endian stack memory-mapped (>u2), `segment` as <u2, and
+    the cache stored the slices twice. Equal pixels, equal keys."""
+    path = tmp_path / "big_endian.tif"
+    stack = np.stack([np.roll(blob_image, 9 * z, axis=1) for z in range(4)]).astype(np.uint16) * 40
+    tifffile.imwrite(path, stack.astype(">u2"), byteorder=">", photometric="minisblack")
+    cache = tmp_path / "cache"
+    common = ["--model", str(tiny_sam_dir), "--device", "cpu", "--cache", str(cache)]
+    assert run_cli("embed", str(path), *common).returncode == 0
+
+    def entries():
+        return len([p for p in cache.glob("??/*.zarr")])
+
+    assert entries() == 4
+    res = run_cli("segment", str(path), "--slice", "1", "--point", "60,70", "--propagate",
+                  "-o", str(tmp_path / "l.tif"), *common)
+    assert res.returncode == 0, res.stderr
+    assert entries() == 4  # was 5
+    res = run_cli("embed", str(path), *common)
+    assert "(4 were already cached)" in res.stdout, res.stdout

@@ -20,6 +20,7 @@ import shutil
 import threading
 import time
 import uuid
+import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +31,18 @@ from ._types import ImageEmbedding, IntensityMapping, ModelInputSpec
 
 CACHE_ENV = "NAPARI_SAM_CACHE"
 FORMAT_VERSION = 1
+
+
+class CacheWarning(UserWarning):
+    """The disk cache cannot be used as asked (the work goes on without it)."""
+
+
+def _zarr_v2_kwargs() -> dict:
+    """What makes zarr 3 write zarr's v2 format (zarr 2 writes nothing else)."""
+    import zarr
+
+    return {"zarr_format": 2} if int(zarr.__version__.split(".")[0]) >= 3 else {}
+
 DEFAULT_MEMORY_BYTES = 512 * 2**20
 DEFAULT_DISK_BYTES = 20 * 2**30
 _TMP = ".tmp"
@@ -95,7 +108,8 @@ class EmbeddingCache:
         self._memory_used = 0
         self._disk_used: int | None = None
         self._lock = threading.RLock()  # the widget reads from the GUI thread while workers write
-        self.hits = self.misses = self.corrupt = 0
+        self.hits = self.misses = self.corrupt = self.unreadable = 0
+        self._warned = False
 
     # --- keys and paths ---------------------------------------------------------------
 
@@ -146,10 +160,22 @@ class EmbeddingCache:
         return None
 
     def put(self, key: str, embedding: ImageEmbedding) -> None:
-        """Store ``embedding`` in memory and (atomically) on disk."""
+        """Store ``embedding`` in memory and (atomically) on disk.
+
+        The disk store is an optimisation: when it cannot be written (read-only folder,
+        full disk, permissions) one ``CacheWarning`` says so and the work goes on."""
         self._remember(key, embedding)
         if self.directory is not None and not self._path(key).exists():
-            self._write(key, embedding)
+            try:
+                self._write(key, embedding)
+            except OSError as exc:
+                self._warn_once(f"embedding cache {self.directory} cannot be written ({exc}); "
+                                "embeddings are kept in memory only")
+
+    def _warn_once(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(message, CacheWarning, stacklevel=3)
 
     def contains(self, key: str) -> bool:
         """Whether ``key`` is present (memory or disk), without verifying or loading it."""
@@ -179,8 +205,10 @@ class EmbeddingCache:
         tmp_root.mkdir(parents=True, exist_ok=True)
         tmp = tmp_root / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.zarr"
         try:
+            # zarr's v2 on-disk format: zarr 2 and zarr 3 (both allowed) read it, so one cache
+            # folder serves both installs
             arr = zarr.open_array(store=str(tmp), mode="w", shape=stored.shape, dtype="float16",
-                                  chunks=stored.shape)
+                                  chunks=stored.shape, **_zarr_v2_kwargs())
             arr[...] = stored
             arr.attrs.update(attrs)
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -203,6 +231,9 @@ class EmbeddingCache:
         path = self._path(key)
         if not path.exists():
             return None
+        if (path / "zarr.json").exists() and int(zarr.__version__.split(".")[0]) < 3:
+            self.unreadable += 1  # zarr's v3 format, from another install: skipped, never deleted
+            return None
         try:
             arr = zarr.open_array(store=str(path), mode="r")
             attrs = dict(arr.attrs)
@@ -218,14 +249,17 @@ class EmbeddingCache:
                                          for k, v in attrs["spec"].items()})
                 m = attrs["mapping"]
                 mapping = IntensityMapping(m["mode"], tuple(m["lows"]), tuple(m["highs"]),
-                                           m["channel"], m["label"])
+                                           m["channel"], m["label"], bool(m.get("invert", False)))
         except Exception:  # unreadable metadata or chunks: treated as corrupt below
             ok = False
         if not ok:
             self.corrupt += 1
             shutil.rmtree(path, ignore_errors=True)
             return None
-        os.utime(path)  # recency for LRU eviction
+        try:
+            os.utime(path)  # recency for LRU eviction
+        except OSError:  # a read-only cache still serves what it holds
+            pass
         features = torch.from_numpy(stored[None]).to(device=engine.device, dtype=engine.dtype)
         return ImageEmbedding(
             features=features,
