@@ -86,9 +86,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     suffix = path.suffix.lower()
     try:
         if suffix in (".tif", ".tiff"):
-            import tifffile
-
-            return tifffile.imread(path)
+            return _samples_last(*_tiff_level0(path, lazy=False))
         if suffix == ".npy":
             return np.load(path, allow_pickle=False)
         from skimage import io
@@ -112,17 +110,38 @@ def open_volume(path: str | os.PathLike):
         if suffix == ".npy":
             return np.load(path, mmap_mode="r", allow_pickle=False)
         if suffix in (".tif", ".tiff"):
-            import tifffile
-
-            try:
-                return tifffile.memmap(path, mode="r")
-            except ValueError:  # compressed or tiled: read lazily through tifffile's zarr store
-                import zarr
-
-                return zarr.open_array(tifffile.imread(path, aszarr=True), mode="r")
+            return _samples_last(*_tiff_level0(path, lazy=True))
         return read_image(path)
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot open volume {path}: {exc}") from exc
+
+
+def _tiff_level0(path: Path, lazy: bool):
+    """The full-resolution level of a TIFF and its axes as tifffile (and OME) report them.
+
+    Lazy: memory-mapped when the file allows it, else a zarr view of level 0 (a pyramidal
+    OME-TIFF's store is a group of levels)."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        axes = tif.series[0].axes
+    if not lazy:
+        return tifffile.imread(path, level=0), axes
+    try:
+        return tifffile.memmap(path, mode="r"), axes
+    except ValueError:  # compressed, tiled or pyramidal
+        import zarr
+
+        return zarr.open_array(tifffile.imread(path, aszarr=True, level=0), mode="r"), axes
+
+
+def _samples_last(data, axes: str):
+    """Colour samples stored as separate planes (axes ``SYX``, ``ZSYX``) moved last, as
+    interleaved RGB is, so the image means the same whichever way it was stored."""
+    axes = axes.upper()
+    if "S" in axes and not axes.endswith("S") and len(axes) == np.ndim(data):
+        data = np.ascontiguousarray(np.moveaxis(np.asarray(data), axes.index("S"), -1))
+    return data
 
 
 def write_labels_tiff(path: str | os.PathLike, labels: np.ndarray, *, overwrite: bool = False) -> Path:

@@ -59,8 +59,8 @@ def read_tiff(path):
     sizes, unit = common_unit(sizes, units)
     try:
         data = tifffile.memmap(path, mode="r")
-    except ValueError:
-        data = zarr.open_array(tifffile.imread(path, aszarr=True), mode="r")
+    except ValueError:  # compressed, tiled or pyramidal: level 0 through tifffile's zarr store
+        data = zarr.open_array(tifffile.imread(path, aszarr=True, level=0), mode="r")
     scale = tuple(sizes.get(ax, 1.0) for ax in axes)
     return data, axes, scale, unit
 
@@ -109,6 +109,10 @@ def _read_layers(path):
     data, axes, scale, unit = read_tiff(path)
     axes = axes.upper()
     meta = {"name": Path(path).name.split(".ome.")[0], "metadata": {"axes": axes, "source": str(path)}}
+    if "S" in axes and not axes.endswith("S"):  # colour stored as planes: samples last, as RGB
+        s = axes.index("S")
+        data = np.moveaxis(np.asarray(data), s, -1)
+        axes, scale = axes[:s] + axes[s + 1:] + "S", scale[:s] + scale[s + 1:] + (1.0,)
     units = [unit if ax in "ZYX" and unit else "pixel" for ax in axes]
     if "S" in axes and axes.endswith("S") and data.shape[-1] in (3, 4):
         meta["rgb"] = True
