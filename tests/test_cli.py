@@ -314,3 +314,15 @@ def test_pyramidal_ome_tiff_uses_level_0(tiny_sam_dir, tmp_path, blob_image, mak
     (layer,) = viewer.open(str(path), plugin="napari-sam-labeler")
     assert layer.data.shape == (2, 256, 256)
     np.testing.assert_allclose(layer.scale, (2.0, 0.5, 0.5))
+
+
+def test_segment_with_a_cache_that_cannot_be_written(tiny_sam_dir, image_file, tmp_path):
+    """Issue 20.5 as a shell user meets it: the cache folder cannot be written (here a path
+    under /proc, which even root cannot create); one warning line, the labels are written."""
+    out = tmp_path / "labels.tif"
+    res = run_cli("segment", str(image_file), "--point", "60,70", "--model", str(tiny_sam_dir), "--device", "cpu",
+                  "--cache", "/proc/napari-sam-no-cache-here", "-o", str(out))
+    assert res.returncode == 0, res.stderr
+    assert tifffile.imread(out).shape == tifffile.imread(image_file).shape
+    warnings_ = [line for line in res.stderr.splitlines() if "warning" in line]
+    assert len(warnings_) == 1 and "cannot be written" in warnings_[0] and "Traceback" not in res.stderr

@@ -348,6 +348,10 @@ COMMANDS = {"segment": cmd_segment, "embed": cmd_embed, "cache": cmd_cache, "inf
 def main(argv: Sequence[str] | None = None) -> int:
     from .api import ModelNotFoundError
 
+    import warnings
+
+    # warnings (a cache that cannot be written, irregular slices) as one line each
+    warnings.formatwarning = lambda message, category, *_args, **_kw: f"napari-sam: warning: {message}\n"
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits 2 on usage errors
     if args.command is None:
