@@ -134,3 +134,25 @@ def test_kill_9_right_after_a_commit_loses_nothing(make_napari_viewer, qtbot, tm
     widget.autosave.discard()
     widget.autosave.offer(widget.state.image_layer)
     assert not widget.autosave.isVisibleTo(widget)
+
+
+def test_a_new_session_never_overwrites_what_an_earlier_one_kept(labeler, qtbot, blob_image):
+    """Found by a tester: reopening the image, ignoring the offer and committing replaced the
+    earlier session's autosave. Each session (and each labels layer) keeps its own."""
+    _viewer, first = labeler(blob_image.copy())
+    embed(qtbot, first)
+    for point in ([60, 70], [120, 170]):
+        add_point(qtbot, first, point)
+        with qtbot.waitSignal(first.committed, timeout=TIMEOUT):
+            first.commit()
+    kept = np.asarray(first.state.labels_layer.data).copy()
+    _viewer2, second = labeler(blob_image.copy())
+    assert second.autosave.isVisibleTo(second)
+    embed(qtbot, second)
+    add_point(qtbot, second, [20, 20])
+    with qtbot.waitSignal(second.committed, timeout=TIMEOUT):
+        second.commit()  # the offer ignored
+    second.autosave.offer(second.state.image_layer)
+    assert second.autosave.isVisibleTo(second)  # still the first session's
+    second.autosave.restore()
+    np.testing.assert_array_equal(np.asarray(second.state.labels_layer.data), kept)

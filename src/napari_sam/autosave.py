@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,12 @@ def image_key(data) -> str:
 
 class Autosave:
     """Autosaved labels under ``root`` (default: ``autosave`` inside the embedding cache folder,
-    which ``napari-sam cache clear`` leaves alone)."""
+    which ``napari-sam cache clear`` leaves alone).
+
+    Each labeling session (one labels layer in one napari session) has its own entry under
+    the image's key, so a new session never overwrites what an earlier one kept, and two
+    labels layers on one image never mix.
+    """
 
     def __init__(self, root: str | os.PathLike | None = None):
         if root is None:
@@ -55,13 +61,16 @@ class Autosave:
             root = default_cache_dir() / "autosave"  # `cache clear` removes embeddings only
         self.root = Path(root)
 
-    def _dir(self, key: str) -> Path:
-        return self.root / key
+    @staticmethod
+    def new_session(tag: str = "") -> str:
+        return f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:8]}{tag}"
 
-    def record(self, key: str, labels, slices, *, image_name: str = "", labels_name: str = "") -> None:
+    def _dir(self, key: str, session: str) -> Path:
+        return self.root / key / session
+
+    def record(self, key: str, session: str, labels, slices, *, image_name: str = "", labels_name: str = "") -> None:
         """Save ``labels`` at ``slices`` (indices along axis 0; None for a 2D image)."""
-        labels = np.asarray(labels) if slices is None else labels
-        folder = self._dir(key)
+        folder = self._dir(key, session)
         folder.mkdir(parents=True, exist_ok=True)
         for z in ([None] if slices is None else sorted({int(s) for s in slices})):
             plane = np.asarray(labels if z is None else labels[z])
@@ -72,34 +81,39 @@ class Autosave:
                     fh.flush()
                     os.fsync(fh.fileno())
         meta = {"format": FORMAT, "image": image_name, "labels": labels_name, "time": time.time(),
-                "shape": list(np.shape(labels)), "dtype": np.dtype(labels.dtype).str}
+                "shape": list(np.shape(labels)), "dtype": np.dtype(labels.dtype).str, "session": session}
         with atomic_write(folder / "meta.json", suffix=".json") as tmp:
             tmp.write_text(json.dumps(meta))
 
-    def available(self, key: str) -> dict | None:
-        """What is saved for ``key`` (image and labels names, time, shape, slices), or None."""
-        folder = self._dir(key)
-        try:
-            meta = json.loads((folder / "meta.json").read_text())
-        except (OSError, ValueError):
-            return None
-        files = sorted(folder.glob("*.npz"))
-        if not files or meta.get("format") != FORMAT:
-            return None
-        meta["slices"] = len(files)
-        return meta
+    def sessions(self, key: str) -> list[dict]:
+        """The sessions kept for ``key``, newest first (each: names, time, shape, slices)."""
+        out = []
+        for folder in (self.root / key).glob("*") if (self.root / key).is_dir() else []:
+            try:
+                meta = json.loads((folder / "meta.json").read_text())
+            except (OSError, ValueError):
+                continue
+            files = list(folder.glob("*.npz"))
+            if files and meta.get("format") == FORMAT:
+                meta["session"], meta["slices"] = folder.name, len(files)
+                out.append(meta)
+        return sorted(out, key=lambda m: -float(m.get("time", 0)))
 
-    def saved_slices(self, key: str) -> list[int]:
+    def available(self, key: str, exclude=()) -> dict | None:
+        """The newest session kept for ``key`` other than ``exclude``, or None."""
+        return next((m for m in self.sessions(key) if m["session"] not in set(exclude)), None)
+
+    def saved_slices(self, key: str, session: str) -> list[int]:
         """Slices saved for a stack (empty for a 2D image or nothing saved)."""
-        return sorted(int(p.stem[1:]) for p in self._dir(key).glob("z*.npz") if p.stem[1:].isdigit())
+        return sorted(int(p.stem[1:]) for p in self._dir(key, session).glob("z*.npz") if p.stem[1:].isdigit())
 
-    def restore(self, key: str) -> np.ndarray | None:
-        """The saved labels: every saved slice in place, zeros elsewhere (None if nothing)."""
-        meta = self.available(key)
+    def restore(self, key: str, session: str) -> np.ndarray | None:
+        """A session's labels: every saved slice in place, zeros elsewhere (None if nothing)."""
+        meta = next((m for m in self.sessions(key) if m["session"] == session), None)
         if meta is None:
             return None
         labels = np.zeros(meta["shape"], np.dtype(meta["dtype"]))
-        for path in sorted(self._dir(key).glob("*.npz")):
+        for path in sorted(self._dir(key, session).glob("*.npz")):
             try:
                 with np.load(path, allow_pickle=False) as saved:
                     plane, z = saved["labels"], int(saved["z"])
@@ -111,5 +125,9 @@ class Autosave:
                 labels[z] = plane
         return labels
 
-    def discard(self, key: str) -> None:
-        shutil.rmtree(self._dir(key), ignore_errors=True)
+    def discard(self, key: str, session: str) -> None:
+        shutil.rmtree(self._dir(key, session), ignore_errors=True)
+        try:
+            (self.root / key).rmdir()  # the image's folder, once empty
+        except OSError:
+            pass

@@ -30,13 +30,16 @@ class AutosavePanel(QGroupBox):
         self.state, self.host = state, host
         self.store = Autosave()
         self._keys: dict = {}  # layer uid -> (data object id, key)
+        self._sessions: dict = {}  # labels layer uid -> this napari session's autosave entry
+        self._handled: set = set()  # sessions restored or discarded here: not offered again
+        self._offered = None  # (key, session) shown in the panel
         self._warned = False
         layout = QVBoxLayout(self)
         self.note = QLabel("")
         self.note.setWordWrap(True)
         layout.addWidget(self.note)
         self.restore_button = button("Restore", self.restore, tooltip="Open them as a new labels layer")
-        self.discard_button = button("Discard", self.discard, tooltip="Delete the autosaved labels of this image")
+        self.discard_button = button("Discard", self.discard, tooltip="Delete these autosaved labels")
         layout.addLayout(row(self.restore_button, self.discard_button))
         self.setVisible(False)
 
@@ -49,15 +52,18 @@ class AutosavePanel(QGroupBox):
         return cached[1]
 
     def offer(self, image) -> None:
-        """Show the panel when ``image`` has autosaved labels."""
-        info = None if image is None else self.store.available(self.key(image))
+        """Show the panel when ``image`` has labels kept by an earlier session (the newest;
+        this session's own entries and those already restored or discarded are not offered)."""
+        key = None if image is None else self.key(image)
+        info = None if key is None else self.store.available(key, exclude={*self._sessions.values(), *self._handled})
+        self._offered = None if info is None else (key, info["session"])
         self.setVisible(info is not None)
         if info is not None:
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(info["time"]))
             self.note.setText(f"Labels committed on this image ({info['labels'] or 'labels'}, {when}, "
                               f"{info['slices']} slice(s)) were kept safe.")
-            show_info(f"SAM Labeler: autosaved labels of {image.name} from {when}: Restore or Discard them "
-                      "at the top of the SAM Labeler.")
+            show_info(f"SAM Labeler: autosaved labels of {info['image'] or image.name} from {when}: "
+                      "Restore or Discard them at the top of the SAM Labeler.")
 
     def saved(self, target: Labels, slices) -> None:
         """Keep ``slices`` of ``target`` (None: the whole 2D layer; "known": every saved slice)."""
@@ -66,9 +72,10 @@ class AutosavePanel(QGroupBox):
             return
         try:
             key = self.key(image)
+            session = self._sessions.setdefault(target.unique_id, self.store.new_session())
             if slices == "known":
-                slices = None if np.ndim(target.data) == 2 else self.store.saved_slices(key)
-            self.store.record(key, target.data, slices, image_name=image.name, labels_name=target.name)
+                slices = None if np.ndim(target.data) == 2 else self.store.saved_slices(key, session)
+            self.store.record(key, session, target.data, slices, image_name=image.name, labels_name=target.name)
         except OSError as exc:  # the autosave is a safety net: its failure never blocks work
             if not self._warned:
                 show_warning(f"SAM Labeler: cannot autosave labels to {self.store.root} ({exc})")
@@ -76,24 +83,27 @@ class AutosavePanel(QGroupBox):
 
     def restore(self) -> None:
         image = self.state.image_layer
-        if image is None:
+        if image is None or self._offered is None:
             return
-        labels = self.store.restore(self.key(image))
+        key, session = self._offered
+        labels = self.store.restore(key, session)
         if labels is None or labels.shape != self.state.spatial_shape(image):
             self.state.set_status("Nothing to restore for this image.")
             return
         layer = Labels(labels, name=f"{LABELS_NAME} (restored)", **placement(image), metadata=dict(image.metadata))
         viewer = self.state.viewer
         viewer.layers.insert(viewer.layers.index(image) + 1, layer)
+        self._handled.add(session)  # kept on disk until discarded; the restored layer autosaves anew
         self.host.refresh_layer_choices()
         self.state.labels_combo.select(layer)
         if self.state.points is not None:
             viewer.layers.selection.active = self.state.points
-        self.setVisible(False)
         self.state.set_status(f"Restored autosaved labels into {layer.name!r}.")
+        self.offer(image)  # an older session, if any
 
     def discard(self) -> None:
-        image = self.state.image_layer
-        if image is not None:
-            self.store.discard(self.key(image))
-        self.setVisible(False)
+        if self._offered is not None:
+            key, session = self._offered
+            self.store.discard(key, session)
+            self._handled.add(session)
+        self.offer(self.state.image_layer)
