@@ -157,3 +157,9 @@ def labeler(make_napari_viewer, tiny_sam_dir, qtbot):
         return viewer, widget
 
     yield make
+
+
+@pytest.fixture
+def blob_volume(blob_image):
+    """(5, H, W): the blob image shifted a little on every slice."""
+    return np.stack([np.roll(blob_image, 3 * z, axis=1) for z in range(5)])

@@ -15,12 +15,6 @@ from napari_sam._qt.widget import LABELS_NAME, SamLabelerWidget  # noqa: E402
 TIMEOUT = 60_000
 
 
-@pytest.fixture
-def blob_volume(blob_image):
-    """(5, H, W): the blob image shifted a little on every slice."""
-    return np.stack([np.roll(blob_image, 3 * z, axis=1) for z in range(5)])
-
-
 def embed(qtbot, widget):
     with qtbot.waitSignal(widget.embedding_ready, timeout=TIMEOUT):
         widget.compute_embedding()

@@ -156,3 +156,82 @@ def test_a_new_session_never_overwrites_what_an_earlier_one_kept(labeler, qtbot,
     assert second.autosave.isVisibleTo(second)  # still the first session's
     second.autosave.restore()
     np.testing.assert_array_equal(np.asarray(second.state.labels_layer.data), kept)
+
+
+def test_each_image_keeps_its_labels_and_a_deleted_target_is_never_replaced(labeler, qtbot, blob_image):
+    """Found by a tester: switching the image kept the other image's labels layer; deleting the
+    target made the choice jump to another labels layer (a user's ground truth)."""
+    viewer, widget = labeler(blob_image)
+    truth = viewer.add_labels(np.zeros(blob_image.shape, np.int32), name="ground truth")
+    viewer.layers.selection.active = widget.state.points
+    assert widget.state.labels_combo.currentText() == "(new labels layer)"  # not the user's layer
+    embed(qtbot, widget)
+    add_point(qtbot, widget, [60, 70])
+    with qtbot.waitSignal(widget.committed, timeout=TIMEOUT):
+        widget.commit()
+    first = widget.state.labels_layer
+    viewer.add_image(blob_image[::-1].copy(), name="img2")
+    widget.state.image_combo.setCurrentIndex(widget.state.image_combo.findText("img2"))
+    assert widget.state.labels_layer is None  # img2 starts with a new labels layer
+    widget.state.image_combo.setCurrentIndex(widget.state.image_combo.findText("img"))
+    assert widget.state.labels_layer == first  # and img gets its own back
+    viewer.layers.remove(first)
+    assert widget.state.labels_layer is None and widget.state.labels_combo.currentText() == "(new labels layer)"
+    assert not np.asarray(truth.data).any()
+
+
+def test_a_closed_dock_leaves_no_target_and_no_dead_keys(make_napari_viewer, qtbot, blob_image):
+    from napari.utils.key_bindings import KeyBinding
+
+    viewer = make_napari_viewer()
+    viewer.add_image(blob_image, name="img")
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-sam-labeler")
+    viewer.window.remove_dock_widget(dock)
+    _dock2, widget2 = viewer.window.add_plugin_dock_widget("napari-sam-labeler")
+    offered = [widget2.state.labels_combo.itemText(i) for i in range(widget2.state.labels_combo.count())]
+    assert offered == ["(new labels layer)"]  # the first dock's SAM preview is never a target
+    viewer.window.remove_dock_widget(_dock2)
+    widget2.deleteLater()
+    qtbot.wait(50)  # Qt deletes the closed dock's widgets
+    enter = viewer.keymap[KeyBinding.from_str("Enter")]
+    enter(viewer)  # before: RuntimeError, wrapped C/C++ object ... has been deleted
+
+
+def test_a_transposed_view_is_refused_not_misread(labeler, qtbot, blob_volume):
+    viewer, widget = labeler(blob_volume)
+    viewer.dims.order = (1, 0, 2)  # napari shows (Z, X) planes
+    widget.state.points.add(np.array([2.0, 60.0, 70.0]))
+    qtbot.wait(200)
+    assert "dims order" in widget.status.text() and not widget.state.preview.data.any()
+    viewer.dims.order = (0, 1, 2)
+    viewer.dims.ndisplay = 3
+    widget.request_decode()
+    assert "2D view" in widget.status.text()
+
+
+def test_a_commit_made_while_propagating_is_kept(labeler, qtbot, blob_volume, monkeypatch):
+    """Found by a tester: labels committed during a propagation were overwritten when it ended."""
+    import time
+
+    from napari_sam._qt import stack_panel
+    from napari_sam.propagate import PropagationStep, PropagationSummary
+
+    def slow_propagation(engine, stack, labels, *, seed_slices, ids, **_kw):
+        for z in range(len(labels)):
+            time.sleep(0.2)
+            labels[z][:50, :50] = ids[0]  # propagation writes the same corner everywhere
+            yield PropagationStep(z, {ids[0]: labels[z] == ids[0]}, {ids[0]: 0.9})
+        return PropagationSummary()
+
+    monkeypatch.setattr(stack_panel, "propagate_labels", slow_propagation)
+    viewer, widget = labeler(blob_volume)
+    embed(qtbot, widget)
+    add_point(qtbot, widget, [widget.current_slice(), 60, 70])
+    with qtbot.waitSignal(widget.committed, timeout=TIMEOUT):
+        widget.commit()
+    target = widget.state.labels_layer
+    with qtbot.waitSignal(widget.propagated, timeout=TIMEOUT):
+        widget.propagate()
+        target.data_setitem((np.full(100, 4), np.arange(100) // 10, np.arange(100) % 10), 9)  # meanwhile
+    assert (np.asarray(target.data)[4, :10, :10] == 9).all()  # the user's commit survived
+    assert (np.asarray(target.data)[3, :50, :50] != 0).all()  # and the propagation landed elsewhere

@@ -90,6 +90,7 @@ class LabelsPanel(QGroupBox):
         except ValueError as exc:
             state.report_error(exc)
             return
+        state.remember_target(target)
         z = state.preview_slice
         current = np.asarray(target.data if z is None else target.data[z])
         masks = self.host.prompts.chosen_masks()

@@ -17,7 +17,7 @@ from qtpy.QtWidgets import QCheckBox, QFormLayout, QGroupBox, QHBoxLayout, QPush
 from .. import annotate
 from .controls import fit_width
 from .placement import drawn_placement
-from .state import BOXES_NAME, NEGATIVE, POINTS_NAME, POSITIVE, PREVIEW_NAME, LabelerState
+from .state import BOXES_NAME, NEGATIVE, OWN_MARK, POINTS_NAME, POSITIVE, PREVIEW_NAME, LabelerState
 
 
 class _ImageExtent:
@@ -86,6 +86,7 @@ class PromptPanel(QGroupBox):
                 np.empty((0, nd)), ndim=nd, name=POINTS_NAME, features=features,
                 feature_defaults={"sign": POSITIVE}, face_color="sign",
                 face_color_cycle=["#33ff33", "#ff3333"], border_color="white", size=size, **where,
+                metadata={OWN_MARK: "points"},
             )
             state.points.events.data.connect(self._on_prompts_changed)
             state.points.mouse_drag_callbacks.insert(0, self._on_points_press)
@@ -95,7 +96,7 @@ class PromptPanel(QGroupBox):
                 viewer.layers.remove(state.boxes)
             state.boxes = PromptBoxes(
                 ndim=nd, name=BOXES_NAME, edge_color="yellow", face_color="transparent",
-                edge_width=max(1.0, max(spatial[-2:]) / 300), **where,
+                edge_width=max(1.0, max(spatial[-2:]) / 300), **where, metadata={OWN_MARK: "boxes"},
             )
             state.boxes.events.data.connect(self._on_prompts_changed)
             viewer.add_layer(state.boxes)
@@ -105,6 +106,7 @@ class PromptPanel(QGroupBox):
                 viewer.layers.remove(state.preview)
             state.preview = Labels(
                 np.zeros(spatial, np.uint8), name=PREVIEW_NAME, opacity=0.55, **where,
+                metadata={OWN_MARK: "preview"},
             )
             viewer.add_layer(state.preview)
         extent = np.array([[0] * nd, [n - 1 for n in spatial]], float)
@@ -157,6 +159,11 @@ class PromptPanel(QGroupBox):
         state = self.state
         layer = state.image_layer
         if layer is None or state.unsupported(layer):
+            return
+        problem = state.view_problem(layer)
+        if problem:
+            self.invalidate_preview()
+            state.set_status(problem)
             return
         state.decode_seq += 1
         seq = state.decode_seq

@@ -217,7 +217,8 @@ class StackPanel(QGroupBox):
                 yield (f"Propagating: slice {step.z} ({len(step.masks)} object(s))", min(n, span), span)
 
         def done(summary):
-            changed = np.nonzero(work_labels != original)
+            # pixels changed meanwhile (a commit while propagating) are the user's: kept
+            changed = np.nonzero((work_labels != original) & (np.asarray(target.data) == original))
             if changed[0].size:
                 target.data_setitem(changed, work_labels[changed])  # one undo step
                 self.host.autosave.saved(target, np.unique(changed[0]).tolist())

@@ -25,6 +25,7 @@ PREVIEW_NAME = "SAM preview"
 NEW_LABELS = "(new labels layer)"
 LABELS_NAME = "SAM labels"
 POSITIVE, NEGATIVE = "positive", "negative"
+OWN_MARK = "napari_sam_labeler_layer"  # metadata key of the plugin's own layers
 MAX_CACHED_EMBEDDINGS = 16  # per widget, in memory; the persistent cache is cache.py's job
 
 
@@ -63,6 +64,8 @@ class LabelerState(QObject):
         self.cache = EmbeddingCache()  # $NAPARI_SAM_CACHE or the user cache folder
         # per labels layer: {label id: slices the user committed it on} (propagation seeds)
         self.seed_slices: dict = {}
+        # per image layer: the labels layer chosen or made for it
+        self.labels_target: dict = {}
         # the plugin's own layers
         self.points = None
         self.boxes = None
@@ -105,8 +108,29 @@ class LabelerState(QObject):
         return self.labels_combo.layer(self.viewer.layers)
 
     def own_layer_ids(self) -> set:
-        """unique ids of the plugin's own layers (never offered as image or labels)."""
-        return {layer.unique_id for layer in (self.points, self.boxes, self.preview) if layer is not None}
+        """unique ids of the plugin's layers, this dock's and any left by a closed one (marked in
+        their metadata): never offered as image or labels."""
+        own = {layer.unique_id for layer in (self.points, self.boxes, self.preview) if layer is not None}
+        return own | {layer.unique_id for layer in self.viewer.layers if (layer.metadata or {}).get(OWN_MARK)}
+
+    def labels_for_image(self) -> None:
+        """Choose the labels layer last used with the chosen image ("(new labels layer)" if
+        none): committing on another image never writes into this one's labels."""
+        image = self.image_layer
+        if image is None:
+            return
+        target = self.labels_target.get(image.unique_id)
+        layer = None if target is None else next(
+            (lay for lay in self.viewer.layers if lay.unique_id == target), None)
+        if layer is not None:
+            self.labels_combo.select(layer)
+        else:
+            self.labels_combo.setCurrentIndex(0)
+
+    def remember_target(self, labels) -> None:
+        image = self.image_layer
+        if image is not None:
+            self.labels_target[image.unique_id] = None if labels is None else labels.unique_id
 
     @staticmethod
     def unsupported(layer: Image) -> str | None:
@@ -115,6 +139,17 @@ class LabelerState(QObject):
         if layer.ndim not in (2, 3):
             return (f"{layer.name}: SAM Labeler works on 2D images and 3D stacks (Z, Y, X); "
                     f"this layer has {layer.ndim} spatial dimensions.")
+        return None
+
+    def view_problem(self, layer: Image) -> str | None:
+        """Prompts are read on the stack's (row, column) planes as napari shows them: refuse
+        (with the way out) when napari shows another plane or a 3D rendering."""
+        dims = self.viewer.dims
+        if layer.ndim == 3 and dims.ndisplay == 3:
+            return "SAM Labeler prompts on 2D slices: switch napari to the 2D view to add points or boxes."
+        if layer.ndim == 3 and tuple(dims.order[-2:]) != (dims.ndim - 2, dims.ndim - 1):
+            return ("SAM Labeler prompts on the stack's (row, column) slices: napari shows another plane; "
+                    "reset the dims order (the transpose button, or View > Reset dims order).")
         return None
 
     @staticmethod

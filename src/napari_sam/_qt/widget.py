@@ -29,6 +29,15 @@ from .state import LABELS_NAME, LabelerState
 __all__ = ["LABELS_NAME", "SamLabelerWidget"]
 
 
+def _unless_closed(func) -> None:
+    """Run a viewer key's action; a dock that was closed (and deleted by Qt) does nothing."""
+    try:
+        func()
+    except RuntimeError as exc:
+        if "has been deleted" not in str(exc):
+            raise
+
+
 class SamLabelerWidget(QWidget):
     """Click points / draw boxes → live SAM mask → commit into a Labels layer.
 
@@ -94,8 +103,9 @@ class SamLabelerWidget(QWidget):
             self._watch(layer)
         self.viewer.dims.events.current_step.connect(self.prompts.on_slice_changed)
         self.state.image_combo.currentIndexChanged.connect(self._on_image_changed)
+        self.state.labels_combo.activated.connect(lambda *_: self.state.remember_target(self.state.labels_layer))
         for key, func in (("Enter", self.labels.commit), ("Escape", self.prompts.clear_prompts)):
-            self.viewer.bind_key(key, lambda _viewer, f=func: f(), overwrite=True)
+            self.viewer.bind_key(key, lambda _viewer, f=func: _unless_closed(f), overwrite=True)
 
     def _on_layer_inserted(self, event) -> None:
         self._watch(event.value)
@@ -117,12 +127,15 @@ class SamLabelerWidget(QWidget):
         """Offer the viewer's layers by name, keep the chosen ones by identity (a rename or
         a new layer changes nothing else); the plugin's own layers are never offered."""
         own = self.state.own_layer_ids()
-        self.state.labels_combo.refresh(self.viewer.layers, exclude=own, prefer_last=True)
+        # a labels layer is written only when chosen (or made by the widget): when the chosen
+        # one is deleted the choice falls back to "(new labels layer)", never to another layer
+        self.state.labels_combo.refresh(self.viewer.layers, exclude=own)
         if self.state.image_combo.refresh(self.viewer.layers, exclude=own):
             self._on_image_changed()
 
     def _on_image_changed(self, *_args) -> None:
         self.prompts.invalidate_preview()
+        self.state.labels_for_image()  # each image keeps its own labels target
         layer = self.state.image_layer
         if layer is None:
             return
