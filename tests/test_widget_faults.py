@@ -235,3 +235,17 @@ def test_a_commit_made_while_propagating_is_kept(labeler, qtbot, blob_volume, mo
         target.data_setitem((np.full(100, 4), np.arange(100) // 10, np.arange(100) % 10), 9)  # meanwhile
     assert (np.asarray(target.data)[4, :10, :10] == 9).all()  # the user's commit survived
     assert (np.asarray(target.data)[3, :50, :50] != 0).all()  # and the propagation landed elsewhere
+
+
+def test_a_cache_folder_that_cannot_be_written_costs_a_warning_not_the_work(labeler, qtbot, blob_image, tmp_path,
+                                                                             monkeypatch):
+    """Found by a tester: with an unwritable cache folder no preview ever came."""
+    blocker = tmp_path / "a file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("NAPARI_SAM_CACHE", str(blocker / "cache"))
+    viewer, widget = labeler(blob_image)
+    embed(qtbot, widget)
+    add_point(qtbot, widget, [60, 70])
+    with qtbot.waitSignal(widget.committed, timeout=TIMEOUT):
+        widget.commit()
+    assert (np.asarray(widget.state.labels_layer.data) == 1).any()
