@@ -117,22 +117,12 @@ def open_volume(path: str | os.PathLike):
 
 
 def _tiff_level0(path: Path, lazy: bool):
-    """The full-resolution level of a TIFF and its axes as tifffile (and OME) report them.
+    """The full-resolution level of a TIFF and its axes as tifffile (and OME) report them:
+    the napari reader's own access (memory map, else a zarr view of level 0)."""
+    from .io.tiff import read_tiff
 
-    Lazy: memory-mapped when the file allows it, else a zarr view of level 0 (a pyramidal
-    OME-TIFF's store is a group of levels)."""
-    import tifffile
-
-    with tifffile.TiffFile(path) as tif:
-        axes = tif.series[0].axes
-    if not lazy:
-        return tifffile.imread(path, level=0), axes
-    try:
-        return tifffile.memmap(path, mode="r"), axes
-    except ValueError:  # compressed, tiled or pyramidal
-        import zarr
-
-        return zarr.open_array(tifffile.imread(path, aszarr=True, level=0), mode="r"), axes
+    data, axes, _scale, _unit = read_tiff(path)
+    return (data if lazy else np.asarray(data)), axes
 
 
 def _samples_last(data, axes: str):
