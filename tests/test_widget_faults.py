@@ -249,3 +249,10 @@ def test_a_cache_folder_that_cannot_be_written_costs_a_warning_not_the_work(labe
     with qtbot.waitSignal(widget.committed, timeout=TIMEOUT):
         widget.commit()
     assert (np.asarray(widget.state.labels_layer.data) == 1).any()
+
+
+def test_the_prompt_layers_are_points_and_shapes_to_napari(labeler, blob_image):
+    """Their icons, writers and layer-data tuples are napari's Points and Shapes."""
+    _viewer, widget = labeler(blob_image)
+    assert widget.state.points.as_layer_data_tuple()[2] == "points"
+    assert widget.state.boxes.as_layer_data_tuple()[2] == "shapes"

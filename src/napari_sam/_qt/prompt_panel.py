@@ -36,11 +36,11 @@ class _ImageExtent:
 
 
 class PromptPoints(_ImageExtent, Points):
-    pass
+    _type_string = "points"  # napari names types by class: icons, writers, as_layer_data_tuple
 
 
 class PromptBoxes(_ImageExtent, Shapes):
-    pass
+    _type_string = "shapes"
 
 
 class PromptPanel(QGroupBox):
