@@ -36,3 +36,16 @@ def row(*widgets) -> QHBoxLayout:
     for widget in widgets:
         layout.addWidget(widget)
     return layout
+
+
+def advance(bar, done, total, description: str | None = None) -> None:
+    """Move a napari progress bar to ``done`` of ``total`` (no-op once it was closed: updating
+    a bar can process events, and the worker may finish meanwhile)."""
+    if bar is None:
+        return
+    if bar.total != total:
+        bar.total = total
+    if description is not None:
+        bar.set_description(description)
+    bar.n = done
+    bar.refresh()

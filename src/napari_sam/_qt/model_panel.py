@@ -17,7 +17,7 @@ from qtpy.QtWidgets import QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox, 
 
 from ..api import DEFAULT_MODEL, MODEL_ENV, embed_cached_steps, embedding_key
 from ..preprocess import CT_PRESETS, resolve_intensity
-from .controls import button, combo, row
+from .controls import advance, button, combo, row
 from .state import LabelerState, load_engine
 
 AUTO_CONTRAST = "auto: percentiles 0.5-99.5 (MR, microscopy)"
@@ -219,14 +219,7 @@ class ModelPanel(QGroupBox):
 
     def _on_progress(self, value) -> None:
         stage, done, total = value
-        bar = self._progress  # updating a bar can process events (and finish the worker)
-        if bar is None:
-            return
-        if bar.total != total:
-            bar.total = total
-        bar.set_description(f"SAM: {stage.lower()}")
-        bar.n = done
-        bar.refresh()
+        advance(self._progress, done, total, f"SAM: {stage.lower()}")
 
     def _on_embedded(self, engine_key, layer_id, result) -> None:
         state = self.state

@@ -14,7 +14,7 @@ from napari.utils.notifications import show_info, show_warning
 from qtpy.QtWidgets import QCheckBox, QDoubleSpinBox, QFormLayout, QGroupBox, QLabel, QPushButton, QSpinBox
 
 from ..api import Stack, StopRule, propagate_labels
-from .controls import button, combo, fit_width, row
+from .controls import advance, button, combo, fit_width, row
 from .state import LabelerState, load_engine
 
 
@@ -109,13 +109,9 @@ class StackPanel(QGroupBox):
 
     def _on_progress(self, value) -> None:
         text, done, total = value
-        bar = self._progress
-        if bar is None:
+        if self._progress is None:
             return
-        if bar.total != total:
-            bar.total = total
-        bar.n = done
-        bar.refresh()
+        advance(self._progress, done, total)
         self.state.set_status(text)
 
     def _on_finished(self) -> None:
