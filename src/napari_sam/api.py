@@ -21,6 +21,7 @@ import numpy as np
 from . import annotate
 from . import preprocess as pp
 from .preprocess import resolve_intensity
+from ._types import Prediction, Prompt
 from ._fileio import atomic_write, storable_labels
 from .autosave import Autosave, image_key
 from .cache import CacheStats, EmbeddingCache
@@ -40,7 +41,7 @@ __all__ = [
     # files
     "read_image", "open_volume", "write_labels_tiff",
     # 2D and 3D segmentation
-    "ObjectResult", "segment_2d", "Stack", "StackProgress", "segment_volume",
+    "Prompt", "Prediction", "ObjectResult", "segment_2d", "Stack", "StackProgress", "segment_volume",
     "StopRule", "PropagationStep", "PropagationSummary", "propagate_labels",
 ]
 

@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from . import _cli_serving
 from ._version import __version__
 
 EXIT_USAGE = 2
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--sample", default="cell", choices=["cell", "ct_phantom", "ct_phantom_dicom"],
                       help="sample to open (the DICOM one carries series geometry for DICOM-SEG export)")
     demo.add_argument("--screenshot", metavar="PNG", help="save a screenshot of the window and quit (for docs/tests)")
+    _cli_serving.add_parsers(sub, _add_model_args, _add_cache_args)
     return parser
 
 
@@ -358,6 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
+        if args.command in _cli_serving.COMMANDS:
+            return _cli_serving.COMMANDS[args.command](args, _load_engine, _open_cache)
         return COMMANDS[args.command](args)
     except ModelNotFoundError as exc:
         first, _, rest = str(exc).partition("\n")
@@ -368,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"napari-sam: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as exc:
         # Our validation raises these with messages that name the parameter.
         print(f"napari-sam: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
