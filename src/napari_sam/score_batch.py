@@ -135,8 +135,10 @@ def score_batch(scorer: Scorer, source, output, *, retry_failed: bool = False, p
                         summary.failed += 1
                     write(record)
             except (ScoringError, OSError, UnicodeDecodeError, csv.Error) as exc:
-                if (name, -1) not in done:
-                    write({"file": name, "row_number_per_file": -1, "error": f"{name}: {exc}"})
+                if (name, -1) in done:
+                    summary.skipped += 1
+                else:
+                    write({"file": name, "row_number_per_file": -1, "error": str(exc) if name in str(exc) else f"{name}: {exc}"})
                     summary.failed += 1
     bar.close()
     return summary

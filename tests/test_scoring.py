@@ -1,0 +1,267 @@
+"""The Azure ML SAM schema: parsing, images, masks and the scorer over the tiny model."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from napari_sam.scoring import (
+    COLUMNS, Limits, Scorer, ScoringError, decode_image, decode_mask, encode_mask, image_bytes, parse_request,
+    parse_row,
+)
+
+
+def png_b64(pixels: np.ndarray, fmt: str = "PNG", newlines: bool = True) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt)
+    # Azure's samples use base64.encodebytes: a newline every 76 characters
+    return (base64.encodebytes if newlines else base64.b64encode)(buf.getvalue()).decode()
+
+
+def request(*rows, columns=COLUMNS, params=True) -> dict:
+    body = {"input_data": {"columns": list(columns), "index": list(range(len(rows))), "data": [list(r) for r in rows]}}
+    if params:
+        body["params"] = {}
+    return body
+
+
+@pytest.fixture
+def scene():
+    """A 120 x 200 (H x W) RGB image: a bright rectangle at rows 30-80, cols 120-180."""
+    img = np.full((120, 200, 3), 20, np.uint8)
+    img[30:80, 120:180] = (220, 200, 40)
+    return img
+
+
+@pytest.fixture
+def scorer(tiny_engine):
+    return Scorer(tiny_engine)
+
+
+# --- parsing ----------------------------------------------------------------------------
+
+def test_points_and_boxes_are_x_y_turned_into_row_col():
+    row = parse_row({"image": "x", "input_points": "[[[150, 40], [10, 5]]]", "input_labels": "[[1, 0]]",
+                     "input_boxes": "[[120, 30, 180, 80]]", "multimask_output": False})
+    (p,) = row.prompts
+    np.testing.assert_array_equal(p.points, [[40, 150], [5, 10]])
+    np.testing.assert_array_equal(p.point_labels, [1, 0])
+    np.testing.assert_array_equal(p.box, [30, 120, 80, 180])
+    assert row.multimask is False
+
+
+def test_each_prompt_set_and_each_box_is_one_prediction():
+    assert len(parse_row({"image": "x", "input_points": "[[[1, 2]], [[3, 4]], [[5, 6]]]"}).prompts) == 3
+    assert len(parse_row({"image": "x", "input_boxes": "[[0, 0, 5, 5], [1, 1, 9, 9]]"}).prompts) == 2
+    # set k pairs with box k; a single one pairs with each of the other
+    both = parse_row({"image": "x", "input_points": "[[[1, 2]], [[3, 4]]]", "input_boxes": "[[0, 0, 5, 5], [1, 1, 9, 9]]"})
+    np.testing.assert_array_equal(both.prompts[1].box, [1, 1, 9, 9])
+    np.testing.assert_array_equal(both.prompts[1].points, [[4, 3]])
+    one_box = parse_row({"image": "x", "input_points": "[[[1, 2]], [[3, 4]]]", "input_boxes": "[0, 0, 5, 5]"})
+    assert [p.box.tolist() for p in one_box.prompts] == [[0, 0, 5, 5]] * 2
+    with pytest.raises(ScoringError, match="2 prompt sets and 3 boxes"):
+        parse_row({"image": "x", "input_points": "[[[1, 2]], [[3, 4]]]",
+                   "input_boxes": "[[0, 0, 5, 5], [1, 1, 9, 9], [2, 2, 3, 3]]"})
+
+
+@pytest.mark.parametrize("absent", ["", "null", "None", " NULL ", None, float("nan")])
+def test_absent_values(absent):
+    row = parse_row({"image": "x", "input_points": absent, "input_boxes": "[[0, 0, 5, 5]]",
+                     "input_labels": absent, "multimask_output": absent})
+    assert row.prompts[0].points is None and row.multimask is True  # Azure's default: three masks
+
+
+def test_prompts_as_lists_python_literals_and_csv_booleans():
+    a = parse_row({"image": "x", "input_points": [[[1, 2]]], "input_labels": [[1]], "multimask_output": "False"})
+    b = parse_row({"image": "x", "input_points": "[[(1, 2)]]", "input_labels": "[[1]]", "multimask_output": "true"})
+    np.testing.assert_array_equal(a.prompts[0].points, b.prompts[0].points)
+    assert (a.multimask, b.multimask) == (False, True)
+
+
+def test_padding_points_are_dropped():
+    row = parse_row({"image": "x", "input_points": "[[[1, 2], [0, 0]], [[3, 4], [5, 6]]]",
+                     "input_labels": "[[1, -10], [0, 1]]"})
+    np.testing.assert_array_equal(row.prompts[0].points, [[2, 1]])
+    np.testing.assert_array_equal(row.prompts[1].point_labels, [0, 1])
+    with pytest.raises(ScoringError, match="only padding"):
+        parse_row({"image": "x", "input_points": "[[[1, 2]]]", "input_labels": "[[-1]]"})
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"input_points": "[[650, 900]]"}, r"input_points\[0\] must be a non-empty list of \[x, y\]"),
+    ({"input_points": "[[[1, 2, 3]]]"}, "each point is"),
+    ({"input_points": "[[[1, \"a\"]]]"}, "finite number"),
+    ({"input_points": "[[[1, NaN]]]"}, "finite number"),
+    ({"input_points": "[[[true, 2]]]"}, "finite number"),
+    ({"input_points": "__import__('os')"}, "not a JSON list"),
+    ({"input_points": "[[[1, 2]]]", "input_labels": "[[1, 0]]"}, "nest like input_points"),
+    ({"input_points": "[[[1, 2]]]", "input_labels": "[[2]]"}, "use 1"),
+    ({"input_labels": "[[1]]", "input_boxes": "[[0, 0, 1, 1]]"}, "without input_points"),
+    ({"input_boxes": "[[10, 0, 5, 5]]"}, "x1 > x2"),
+    ({"input_boxes": "[[1, 2, 3]]"}, r"each box is \[x1, y1, x2, y2\]"),
+    ({"input_boxes": "[]"}, "non-empty"),
+    ({}, "no prompt"),
+    ({"input_boxes": "[[0, 0, 1, 1]]", "multimask_output": "maybe"}, "true or false"),
+])
+def test_bad_prompts_are_named(values, message):
+    with pytest.raises(ScoringError, match=message) as info:
+        parse_row({"image": "x", **values})
+    assert info.value.status == 422
+
+
+def test_too_many_predictions_is_413():
+    boxes = json.dumps([[0, 0, 1, 1]] * 300)
+    with pytest.raises(ScoringError, match="300 predictions") as info:
+        parse_row({"image": "x", "input_boxes": boxes})
+    assert info.value.status == 413
+
+
+@pytest.mark.parametrize(("payload", "message"), [
+    ([], "JSON object"),
+    ({"data": []}, "no \"input_data\""),
+    ({"input_data": {"columns": ["image", "input_point"], "data": [["x", ""]]}}, r"unknown or repeated columns \['input_point'\]"),
+    ({"input_data": {"columns": ["image"], "data": []}}, "non-empty list of rows"),
+    ({"input_data": {"columns": ["image", "input_boxes"], "data": [["x"]]}}, "row 0 must be a list of 2"),
+    ({"input_data": {"columns": ["image", "input_boxes"], "index": [0, 1], "data": [["x", "[0,0,1,1]"]]}}, "index"),
+    ({"input_data": {"columns": ["image", "input_boxes"], "data": [["x", "[0,0,1,1]"], ["x", ""]]}}, "row 1: the row has no prompt"),
+])
+def test_bad_requests_are_named(payload, message):
+    with pytest.raises(ScoringError, match=message):
+        parse_request(payload)
+
+
+def test_request_with_or_without_params_and_mlflow_split():
+    rows = [["x", "", "[[0, 0, 1, 1]]", "", False]]
+    assert len(parse_request(request(*rows))) == len(parse_request(request(*rows, params=False))) == 1
+    assert len(parse_request({"dataframe_split": {"columns": list(COLUMNS), "data": rows}})) == 1
+
+
+# --- images -----------------------------------------------------------------------------
+
+def test_image_formats(scene):
+    for fmt in ("PNG", "JPEG", "BMP", "WEBP"):
+        pixels = decode_image(image_bytes(png_b64(scene, fmt)))
+        assert pixels.shape == scene.shape and pixels.dtype == np.uint8, fmt
+    assert np.array_equal(decode_image(image_bytes(png_b64(scene))), scene)
+    gray16 = (np.arange(120 * 200, dtype=np.uint16) * 2).reshape(120, 200)
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, gray16)
+    assert np.array_equal(decode_image(buf.getvalue()), gray16)
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.moveaxis(scene, -1, 0), photometric="rgb", planarconfig="separate")
+    assert np.array_equal(decode_image(buf.getvalue()), scene)
+    rgba = np.dstack([scene, np.full(scene.shape[:2], 7, np.uint8)])
+    assert np.array_equal(decode_image(image_bytes(png_b64(rgba))), scene)
+    assert np.array_equal(decode_image(image_bytes("data:image/png;base64," + png_b64(scene, newlines=False))), scene)
+
+
+def test_jpeg_orientation_follows_exif(scene):
+    im = Image.fromarray(scene)
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotated 90° clockwise for display
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", exif=exif)
+    assert decode_image(buf.getvalue()).shape == (200, 120, 3)
+
+
+def test_bad_images_are_named():
+    with pytest.raises(ScoringError, match="neither base64"):
+        image_bytes("not base64 at all!")
+    with pytest.raises(ScoringError, match="could not be decoded"):
+        decode_image(base64.b64decode(base64.b64encode(b"\x89PNG\r\n\x1a\n garbage")))
+    with pytest.raises(ScoringError, match="without --allow-urls|does not fetch URLs"):
+        image_bytes("https://example.org/cat.png")
+    with pytest.raises(ScoringError, match="only http and https"):
+        image_bytes("file:///etc/passwd", Limits(allow_urls=True))
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.zeros((5, 16, 16), np.uint8), photometric="minisblack")
+    with pytest.raises(ScoringError, match="one 2D image"):
+        decode_image(buf.getvalue())
+
+
+def test_pixel_limit_is_checked_before_decoding():
+    big = png_b64(np.zeros((300, 400), np.uint8))
+    with pytest.raises(ScoringError, match="400 x 300 pixels; at most 100000") as info:
+        decode_image(image_bytes(big), Limits(max_image_pixels=100_000))
+    assert info.value.status == 413
+
+
+def test_mask_png_round_trip():
+    mask = np.zeros((7, 11), bool)
+    mask[2:5, 3:9] = True
+    data = base64.b64decode(encode_mask(mask))
+    im = Image.open(io.BytesIO(data))
+    assert (im.format, im.mode, im.size) == ("PNG", "L", (11, 7))
+    assert set(np.unique(np.asarray(im))) == {0, 255}
+    assert np.array_equal(decode_mask(encode_mask(mask)), mask)
+
+
+# --- the scorer over the tiny model -----------------------------------------------------
+
+def test_response_shape_and_masks_match_the_engine(scorer, tiny_engine, scene):
+    b64 = png_b64(scene)
+    out = scorer.score(request(
+        [b64, "", "[[120, 30, 180, 80]]", "", False],
+        [b64, "[[[150, 55]], [[20, 100]]]", "", "", True],
+        [b64, "[[[150, 55], [20, 100]]]", "[[120, 30, 180, 80]]", "[[1, 0]]", False],
+    ))
+    assert [len(r["response"]["predictions"]) for r in out] == [1, 2, 1]
+    assert [len(p["masks_per_prediction"]) for p in out[1]["response"]["predictions"]] == [3, 3]
+    first = out[0]["response"]["predictions"][0]["masks_per_prediction"][0]
+    assert set(first) == {"encoded_binary_mask", "iou_score"} and isinstance(first["iou_score"], float)
+    for r in out:
+        for p in r["response"]["predictions"]:
+            for m in p["masks_per_prediction"]:
+                assert decode_mask(m["encoded_binary_mask"]).shape == (120, 200)
+    json.dumps(out)  # plain JSON
+    # the same masks as the engine given (row, col) directly
+    emb = tiny_engine.embed(scene)
+    expected = tiny_engine.predict(emb, points=[[55, 150], [100, 20]], point_labels=[1, 0], box=[30, 120, 80, 180])
+    got = out[2]["response"]["predictions"][0]["masks_per_prediction"][0]
+    assert np.array_equal(decode_mask(got["encoded_binary_mask"]), expected.masks[0])
+    assert got["iou_score"] == pytest.approx(float(expected.scores[0]), abs=1e-6)
+    multi = tiny_engine.predict(emb, points=[[55, 150]], multimask=True)
+    for k, m in enumerate(out[1]["response"]["predictions"][0]["masks_per_prediction"]):
+        assert np.array_equal(decode_mask(m["encoded_binary_mask"]), multi.masks[k])
+
+
+def test_the_same_image_is_encoded_once(scorer, scene, monkeypatch):
+    calls = []
+    encode = scorer.engine.encode_steps
+
+    def counting(images):
+        calls.append(len(images))
+        return encode(images)
+
+    monkeypatch.setattr(scorer.engine, "encode_steps", counting)
+    b64 = png_b64(scene)
+    scorer.score(request([b64, "", "[[120, 30, 180, 80]]", "", False], [b64, "[[[10, 10]]]", "", "", False]))
+    scorer.score(request([png_b64(scene, newlines=False), "", "[[0, 0, 50, 50]]", "", True]))
+    assert calls == [1]
+
+
+def test_prompts_outside_the_image_name_x_y(scorer, scene):
+    b64 = png_b64(scene)
+    with pytest.raises(ScoringError, match=r"row 0: prediction 0: points \[\[150.0, 130.0\]\] \(x, y\) lie outside the 200 x 120"):
+        scorer.score(request([b64, "[[[150, 130]]]", "", "", False]))
+    with pytest.raises(ScoringError, match="box .* lies outside"):
+        scorer.score(request([b64, "", "[[300, 0, 400, 50]]", "", False]))
+    # a box that overhangs the edge means "up to the edge"
+    out = scorer.score(request([b64, "", "[[150, -20, 260, 90]]", "", False]))
+    assert decode_mask(out[0]["response"]["predictions"][0]["masks_per_prediction"][0]["encoded_binary_mask"]).shape == (120, 200)
+
+
+def test_grayscale_and_16_bit_images_score(scorer):
+    gray = np.zeros((64, 96), np.uint16)
+    gray[10:40, 20:60] = 40000
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, gray)
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    out = scorer.score(request([b64, "[[[30, 20]]]", "", "", False]))
+    assert decode_mask(out[0]["response"]["predictions"][0]["masks_per_prediction"][0]["encoded_binary_mask"]).shape == (64, 96)
