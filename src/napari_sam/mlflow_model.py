@@ -81,10 +81,12 @@ def export(output, model=None, *, overwrite: bool = False) -> Path:
          [_EXAMPLE_IMAGE, "[[[16, 16]]]", "", "[[1]]", True]],
         columns=list(COLUMNS),
     )
-    prompt = AnyType()  # a JSON string (Azure's form) or the list itself
+    # Prompts: a JSON string (Azure's form) or the list itself. The flag too: MLflow would
+    # turn a CSV's "False" into True; the scorer reads it right.
+    prompt = AnyType()
     inputs = Schema([ColSpec("string", "image"), ColSpec(prompt, "input_points", required=False),
                      ColSpec(prompt, "input_boxes", required=False), ColSpec(prompt, "input_labels", required=False),
-                     ColSpec("boolean", "multimask_output", required=False)])
+                     ColSpec(prompt, "multimask_output", required=False)])
     outputs = infer_signature(example, pd.DataFrame({"response": [_EXAMPLE_RESPONSE]})).outputs
     code = Path(tempfile.mkdtemp(prefix="napari-sam-export-")) / "napari_sam"
     shutil.copytree(Path(__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
