@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -265,3 +266,74 @@ def test_grayscale_and_16_bit_images_score(scorer):
     b64 = base64.b64encode(buf.getvalue()).decode()
     out = scorer.score(request([b64, "[[[30, 20]]]", "", "", False]))
     assert decode_mask(out[0]["response"]["predictions"][0]["masks_per_prediction"][0]["encoded_binary_mask"]).shape == (64, 96)
+
+
+@pytest.mark.parametrize("pixels", [np.zeros((1, 1), np.uint8), np.zeros((1, 3000), np.uint8),
+                                    np.ones((4, 4), np.complex64)], ids=["1x1", "1-pixel strip", "complex"])
+def test_images_the_model_cannot_take_are_422(scorer, pixels):
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, pixels)
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    with pytest.raises(ScoringError, match="row 0: image") as info:
+        scorer.score(request([b64, "[[[0, 0]]]", "", "", False]))
+    assert info.value.status == 422
+
+
+@pytest.mark.parametrize("pixels", [np.full((20, 20), np.nan, np.float32), np.full((30, 30), 7, np.uint16),
+                                    np.ones((10, 10), bool), np.ones((10, 10, 3), np.uint16)],
+                         ids=["all NaN", "constant", "bool", "16-bit RGB"])
+def test_odd_but_valid_images_score(scorer, pixels):
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, pixels)
+    out = scorer.score(request([base64.b64encode(buf.getvalue()).decode(), "[[[1, 1]]]", "", "", True]))
+    masks = out[0]["response"]["predictions"][0]["masks_per_prediction"]
+    assert len(masks) == 3 and decode_mask(masks[0]["encoded_binary_mask"]).shape == pixels.shape[:2]
+
+
+@pytest.fixture
+def image_server(tmp_path):
+    """A local HTTP server for URL images (nothing leaves the machine)."""
+    import functools
+    import http.server
+    import threading
+
+    img = np.zeros((40, 60, 3), np.uint8)
+    img[10:30, 20:50] = 255
+    Image.fromarray(img).save(tmp_path / "img.png")
+    (tmp_path / "big.bin").write_bytes(os.urandom(200_000))
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            if self.path == "/to-file":
+                self.send_response(302)
+                self.send_header("Location", "file:///etc/passwd")
+                self.end_headers()
+                return
+            super().do_GET()
+
+    class Server(http.server.ThreadingHTTPServer):
+        def handle_error(self, request, client_address):
+            pass  # the client hanging up on the oversized file
+
+    server = Server(("127.0.0.1", 0), functools.partial(Handler, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_urls_only_when_allowed(tiny_engine, image_server):
+    allowed = Scorer(tiny_engine, limits=Limits(allow_urls=True, url_max_bytes=100_000))
+    out = allowed.score(request([f"{image_server}/img.png", "", "[[20, 10, 50, 30]]", "", False]))
+    assert decode_mask(out[0]["response"]["predictions"][0]["masks_per_prediction"][0]["encoded_binary_mask"]).shape == (40, 60)
+    with pytest.raises(ScoringError, match="larger than 100000 bytes") as info:
+        allowed.score(request([f"{image_server}/big.bin", "", "[[0, 0, 1, 1]]", "", False]))
+    assert info.value.status == 413
+    with pytest.raises(ScoringError, match="file:///etc/passwd"):  # a redirect off http(s) is refused
+        allowed.score(request([f"{image_server}/to-file", "", "[[0, 0, 1, 1]]", "", False]))
+    with pytest.raises(ScoringError, match="could not be fetched"):
+        allowed.score(request([f"{image_server}/missing.png", "", "[[0, 0, 1, 1]]", "", False]))
+    with pytest.raises(ScoringError, match="does not fetch URLs"):
+        Scorer(tiny_engine).score(request([f"{image_server}/img.png", "", "[[0, 0, 1, 1]]", "", False]))

@@ -170,6 +170,14 @@ def _post(url, body, timeout=120):
         return err.code, json.loads(err.read())
 
 
+def _docs_client() -> str:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text()
+    blocks = text.split("```python\n")[1:]
+    return next(b.split("```")[0] for b in blocks if "df_from_json" in b)
+
+
 def test_napari_sam_serve_as_launched(tiny_sam_dir, tmp_path, scene_b64):
     """`napari-sam serve --workers 2` in a fresh process, then the Azure request over HTTP;
     the answer equals `napari-sam score` on the same request file."""
@@ -203,6 +211,16 @@ def test_napari_sam_serve_as_launched(tiny_sam_dir, tmp_path, scene_b64):
         assert status == 200 and answer == json.loads(scored.stdout)
         status, problem = _post(f"http://127.0.0.1:{port}/score", {"input_data": {"columns": ["image"], "data": [["x"]]}})
         assert status == 422 and "no prompt" in problem["detail"]
+        # the Python client in docs/serving.md, as written but for the URL and the file
+        snippet = _docs_client()
+        assert "http://127.0.0.1:5001/score" in snippet and '"cells.png"' in snippet
+        cells = tmp_path / "cells.png"
+        from PIL import Image
+        Image.fromarray(np.full((480, 640, 3), 90, np.uint8)).save(cells)
+        namespace: dict = {}
+        exec(snippet.replace("http://127.0.0.1:5001", f"http://127.0.0.1:{port}")
+             .replace('"cells.png"', repr(str(cells))), namespace)
+        assert namespace["mask"].size == (640, 480) and isinstance(namespace["mask_iou"], float)
     finally:
         proc.terminate()
         try:

@@ -331,6 +331,8 @@ def decode_image(data: bytes, limits: Limits = Limits()) -> np.ndarray:
                 pixels = np.asarray(im.convert("RGB"))
     except ScoringError:
         raise
+    except Image.DecompressionBombError as exc:
+        raise ScoringError(f"image is too large: {exc}", 413) from None
     except Exception as exc:  # Pillow raises many types for damaged or unknown data
         raise ScoringError(f"image could not be decoded as PNG/JPEG/TIFF: {exc}") from None
     return pixels.astype(np.uint8) if pixels.dtype == bool else pixels
@@ -441,10 +443,10 @@ class Scorer:
         image = decode_image(image_bytes(row.image, self.limits), self.limits)
         _check_bounds(row.prompts, image.shape[:2])
         with self._model_lock:
-            embedding = embed_cached(self.engine, image, mapping=resolve_intensity(image), cache=self.cache)
-            try:
+            try:  # an image or prompt the preprocessing or the engine refuses is the client's
+                embedding = embed_cached(self.engine, image, mapping=resolve_intensity(image), cache=self.cache)
                 predictions = self.engine.predict_batch(embedding, row.prompts, multimask=row.multimask)
-            except ValueError as exc:  # a prompt the engine refuses is the client's
+            except (ValueError, TypeError) as exc:
                 raise ScoringError(str(exc)) from None
         return {"response": {"predictions": [
             {"masks_per_prediction": [
