@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import _cli_serving
+from . import _cli_batch, _cli_serving
 from ._version import __version__
 
 EXIT_USAGE = 2
@@ -56,6 +56,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "(default: $NAPARI_SAM_MODEL, else facebook/sam-vit-large)")
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA with bf16, else fp32), fp32, bf16, fp16")
+
+
+def _add_intensity_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--window", type=_window, metavar="CENTER,WIDTH", help="intensity window, e.g. 40,400")
+    group.add_argument("--preset", help="CT window preset: abdomen, lung, brain, bone, mediastinum")
+    group.add_argument("--percentiles", type=_window, metavar="LOW,HIGH",
+                       help="percentile clip for non-uint8 data (default 0.5,99.5)")
+    p.add_argument("--channel", type=int, help="channel to use from a multichannel image")
 
 
 def _add_cache_args(p: argparse.ArgumentParser) -> None:
@@ -104,12 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "the box that contains them; repeatable")
     seg.add_argument("--multimask", action="store_true",
                      help="decode 3 candidates per object and keep the one with the best predicted IoU")
-    intensity = seg.add_mutually_exclusive_group()
-    intensity.add_argument("--window", type=_window, metavar="CENTER,WIDTH", help="intensity window, e.g. 40,400")
-    intensity.add_argument("--preset", help="CT window preset: abdomen, lung, brain, bone, mediastinum")
-    intensity.add_argument("--percentiles", type=_window, metavar="LOW,HIGH",
-                           help="percentile clip for non-uint8 data (default 0.5,99.5)")
-    seg.add_argument("--channel", type=int, help="channel to use from a multichannel image")
+    _add_intensity_args(seg)
     _add_model_args(seg)
     seg.add_argument("--slice", type=int, metavar="Z", help="for a 3D stack: the slice the prompts are on")
     seg.add_argument("--axis", type=int, default=0, help="stack axis (default 0: Z or T)")
@@ -127,13 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--axis", type=int, default=0, help="stack axis (default 0)")
     emb.add_argument("--slices", metavar="START:STOP", help="only these slices (Python range, e.g. 10:20)")
     emb.add_argument("--batch-size", type=int, default=1, help="slices per encoder call")
-    eint = emb.add_mutually_exclusive_group()
-    eint.add_argument("--window", type=_window, metavar="CENTER,WIDTH")
-    eint.add_argument("--preset", help="CT window preset")
-    eint.add_argument("--percentiles", type=_window, metavar="LOW,HIGH")
-    emb.add_argument("--channel", type=int)
+    _add_intensity_args(emb)
+    _cli_batch.add_scheduler_arg(emb)
     _add_model_args(emb)
     _add_cache_args(emb)
+    _cli_batch.add_parser(sub, _add_model_args, _add_cache_args, _add_intensity_args)
 
     cache = sub.add_parser("cache", help="inspect or clear the embedding cache")
     cache.add_argument("action", choices=["info", "clear"])
@@ -238,6 +240,8 @@ def cmd_embed(args) -> int:
     data = api.open_volume(args.volume)
     stack = api.Stack(data, axis=args.axis, **_intensity(args))
     indices = _slices(args.slices, len(stack))
+    if args.scheduler:
+        return _cli_batch.cmd_embed_on_cluster(args, stack, indices)
     engine = _load_engine(args)
     cache = _open_cache(args)
     if cache is None:
@@ -360,6 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
+        if args.command == "batch":
+            return _cli_batch.cmd_batch(args, {k: v for k, v in _intensity(args).items() if v is not None})
         if args.command in _cli_serving.COMMANDS:
             return _cli_serving.COMMANDS[args.command](args, _load_engine, _open_cache)
         return COMMANDS[args.command](args)

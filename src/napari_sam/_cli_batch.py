@@ -1,0 +1,75 @@
+"""The ``batch`` subcommand and ``embed --scheduler`` (part of the command line;
+:mod:`napari_sam.cli` registers them). Thin over :mod:`napari_sam.batch` and
+:mod:`napari_sam.cluster`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def add_parser(sub, add_model_args, add_cache_args, add_intensity_args) -> None:
+    batch = sub.add_parser("batch", help="segment many images from a prompts CSV into labels TIFFs")
+    batch.add_argument("prompts", help="CSV: image, points, point_labels, boxes, slice, propagate (docs/usage.md)")
+    batch.add_argument("-o", "--output", required=True, metavar="OUTDIR",
+                       help="folder for <stem>_labels.tif and summary.csv")
+    batch.add_argument("--overwrite", action="store_true", help="redo images whose output exists (default: skip)")
+    batch.add_argument("--multimask", action="store_true", help="keep the best of 3 candidates per object")
+    add_intensity_args(batch)
+    add_scheduler_arg(batch)
+    add_model_args(batch)
+    add_cache_args(batch)
+
+
+def add_scheduler_arg(p) -> None:
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="spread the work over this Dask scheduler's workers (tcp://host:8786); "
+                   "they must see the same files and cache folder")
+
+
+def settings(args):
+    from .cluster import ModelSettings
+
+    cache = "" if getattr(args, "no_cache", False) else (str(Path(args.cache).resolve()) if args.cache else None)
+    if args.scheduler and cache is None:
+        from .api import EmbeddingCache
+
+        cache = str(EmbeddingCache().directory)  # the workers get this machine's default folder by name
+    return ModelSettings(model=args.model, device=args.device, dtype=args.dtype, cache=cache)
+
+
+def cmd_batch(args, intensity: dict) -> int:
+    from .batch import read_jobs, run_batch
+
+    read_jobs(args.prompts, args.output)  # a missing or malformed CSV fails before any model loads
+    results = run_batch(args.prompts, args.output, settings(args), intensity=intensity,
+                        multimask=args.multimask, scheduler=args.scheduler, overwrite=args.overwrite)
+    counts = {s: sum(r.status == s for r in results) for s in ("ok", "failed", "skipped")}
+    for r in results:
+        if r.status == "failed":
+            print(f"failed: {r.image}: {r.message}", file=sys.stderr)
+    print(f"{counts['ok']} images labelled, {counts['failed']} failed, {counts['skipped']} skipped "
+          f"(outputs exist); summary in {args.output}/summary.csv")
+    return 1 if counts["failed"] else 0
+
+
+def cmd_embed_on_cluster(args, stack, indices) -> int:
+    """`embed --scheduler`: one task per slice (or per --batch-size slices) on the cluster."""
+    from tqdm import tqdm
+
+    from .cluster import embed_slices, run_jobs
+
+    if getattr(args, "no_cache", False):
+        raise ValueError("`embed` fills the cache; it cannot run with --no-cache")
+    conf = settings(args)
+    order = list(range(len(stack))) if indices is None else list(indices)
+    chunks = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+    jobs = [(str(Path(args.volume).resolve()), args.axis, chunk, stack.mapping, conf, args.batch_size) for chunk in chunks]
+    bar = tqdm(total=len(order), unit="slice", desc="embedding", file=sys.stderr)
+    cached = 0
+    for _, (done, already) in run_jobs(embed_slices, jobs, scheduler=args.scheduler):
+        cached += already
+        bar.update(done)
+    bar.close()
+    print(f"{len(order)} slices of {args.volume} in {conf.cache} ({cached} were already cached)")
+    return 0
