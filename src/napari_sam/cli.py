@@ -378,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"napari-sam: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ModuleNotFoundError, ConnectionError) as exc:
         # Our validation raises these with messages that name the parameter.
         print(f"napari-sam: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

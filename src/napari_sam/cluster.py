@@ -60,7 +60,7 @@ def connect(address: str):
     try:
         return Client(address, timeout="20s")
     except OSError as exc:
-        raise OSError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+        raise ConnectionError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
 
 
 def run_jobs(func: Callable, jobs: Iterable[tuple], *, scheduler: str | None = None) -> Iterator[tuple[int, Any]]:
