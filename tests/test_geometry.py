@@ -312,3 +312,20 @@ def test_tilted_nifti_opens_in_itk_tools_too(make_napari_viewer, tmp_path):
     ref = sitk.ReadImage(path)  # failed before: "ITK only supports orthonormal direction cosines"
     assert ref.GetSize() == tuple(reversed(layer.data.shape))
     np.testing.assert_allclose(ref.GetOrigin(), (-20.0, -16.0, 0.0), atol=1e-4)
+
+
+def test_api_nifti_labels_overlay_the_series_in_simpleitk(series, tmp_path):
+    """`napari_sam.write_labels_nifti(..., like=<the series' layer metadata>)` (what scripts
+    and the tutorial call) lands every voxel on the series' own physical point."""
+    import napari_sam
+    from napari_sam.io.dicom import read_dicom_series
+
+    folder, hu, _ = series
+    vol = read_dicom_series(folder)
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[2, 5, 7] = 3
+    out = napari_sam.write_labels_nifti(tmp_path / "labels.nii.gz", labels, like=vol.layer_metadata())
+    ref, written = sitk_series(folder), sitk.ReadImage(str(out))
+    for zyx in corners_and_some():
+        np.testing.assert_allclose(sitk_world(written, zyx), sitk_world(ref, zyx), atol=1e-3)
+    assert sitk.GetArrayFromImage(written)[2, 5, 7] == 3

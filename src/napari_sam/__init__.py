@@ -35,6 +35,7 @@ _LAZY = {
     "read_image": "api",
     "open_volume": "api",
     "write_labels_tiff": "api",
+    "write_labels_nifti": "api",
     "segment_2d": "api",
     "segment_volume": "api",
     "propagate_labels": "api",
@@ -54,7 +55,7 @@ if TYPE_CHECKING:  # pragma: no cover  (names for type checkers; resolved lazily
     from .engine import SamEngine, load_model
     from .api import (
         EmbeddingCache, Stack, StopRule, embed_cached, model_status, open_volume, propagate_labels,
-        read_image, segment_2d, segment_volume, write_labels_tiff,
+        read_image, segment_2d, segment_volume, write_labels_nifti, write_labels_tiff,
     )
     from .preprocess import CT_PRESETS, resolve_intensity, to_rgb_uint8
 

@@ -39,7 +39,7 @@ __all__ = [
     # labels kept safe as they are committed
     "Autosave", "image_key",
     # files
-    "read_image", "open_volume", "write_labels_tiff",
+    "read_image", "open_volume", "write_labels_tiff", "write_labels_nifti",
     # 2D and 3D segmentation
     "Prompt", "Prediction", "ObjectResult", "segment_2d", "Stack", "StackProgress", "segment_volume",
     "StopRule", "PropagationStep", "PropagationSummary", "propagate_labels",
@@ -150,6 +150,31 @@ def write_labels_tiff(path: str | os.PathLike, labels: np.ndarray, *, overwrite:
     labels = storable_labels(labels, f"labels TIFF {path}")
     with atomic_write(path) as tmp:
         tifffile.imwrite(tmp, labels, compression="zlib", metadata={"axes": "YX" if labels.ndim == 2 else "ZYX"})
+    return path
+
+
+def write_labels_nifti(path: str | os.PathLike, labels: np.ndarray, *, like: dict | None = None,
+                       scale: Sequence[float] = (1.0, 1.0, 1.0), translate: Sequence[float] = (0.0, 0.0, 0.0),
+                       overwrite: bool = False) -> Path:
+    """Write a (Z, Y, X) or (Y, X) labels array as NIfTI in patient space (needs nibabel).
+
+    The placement is that of the image the labels were drawn on: ``like`` is its napari
+    layer metadata (what this package's readers and samples return, e.g. a DICOM series'
+    exact geometry), else ``scale``/``translate`` in millimetres, napari's (z, y, x) order
+    read as LPS. Any tool that reads the image's NIfTI overlays these labels on it.
+    """
+    from .io._geometry import affine_from_layer_meta
+    from .io.nifti import write_nifti
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; choose another name or allow overwriting")
+    if not path.parent.exists():
+        raise FileNotFoundError(f"output folder does not exist: {path.parent}")
+    labels = np.asarray(labels)
+    meta = like if like is not None else {"scale": tuple(scale)[-labels.ndim:],
+                                          "translate": tuple(translate)[-labels.ndim:]}
+    write_nifti(path, labels, affine_from_layer_meta(meta, labels.ndim), labels=True)
     return path
 
 
