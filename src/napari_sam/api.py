@@ -78,8 +78,22 @@ class ObjectResult:
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read a 2D/3D image from TIFF, NumPy ``.npy`` or a common bitmap format.
 
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for one that cannot
-    be decoded, both naming the path.
+    Parameters
+    ----------
+    path : str or PathLike
+        TIFF (level 0 of a pyramid; planar samples moved last), ``.npy``, PNG, JPEG, ...
+
+    Returns
+    -------
+    ndarray
+        ``(H, W)``, ``(H, W, C)``, ``(Z, H, W)`` or ``(Z, H, W, C)``, the file's dtype.
+
+    Raises
+    ------
+    FileNotFoundError
+        The file is missing (the message names it).
+    ValueError
+        The file cannot be decoded (the message names it and the reason).
     """
     path = Path(path)
     if not path.is_file():
@@ -98,7 +112,20 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def open_volume(path: str | os.PathLike):
-    """Open a 3D stack without loading it: TIFF memory-mapped (else zarr-backed), zarr, or .npy (mmap)."""
+    """Open a 3D stack without loading it.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        TIFF (memory-mapped when it can be, else read through zarr), a zarr array folder,
+        or ``.npy`` (memory-mapped); other formats are read whole (:func:`read_image`).
+
+    Returns
+    -------
+    array-like
+        Indexable like a NumPy array, ``(Z, H, W)`` or ``(Z, H, W, C)``; slices are read
+        as they are indexed (pass it to :class:`Stack`).
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"volume not found: {path}")
@@ -138,7 +165,17 @@ def _samples_last(data, axes: str):
 def write_labels_tiff(path: str | os.PathLike, labels: np.ndarray, *, overwrite: bool = False) -> Path:
     """Write a labels image as TIFF, atomically (temporary file + rename).
 
-    An existing file is replaced only with ``overwrite=True``.
+    Parameters
+    ----------
+    path : str or PathLike
+    labels : ndarray of int or bool, ``(H, W)`` or ``(Z, H, W)``
+        Stored in the smallest unsigned dtype that holds its ids (negative ids are refused).
+    overwrite : bool
+        An existing file is replaced only when True.
+
+    Returns
+    -------
+    Path
     """
     import tifffile
 
@@ -263,7 +300,19 @@ class ModelStatus:
 
 
 def model_status(model: str | os.PathLike | None = None) -> ModelStatus:
-    """Resolve ``model`` (or the configured default) without loading any weights."""
+    """Resolve ``model`` (or the configured default) without loading any weights.
+
+    Parameters
+    ----------
+    model : str or PathLike, optional
+        Hugging Face id, ``save_pretrained`` folder or Meta ``.pth``; default
+        ``$NAPARI_SAM_MODEL``, else ``facebook/sam-vit-large``.
+
+    Returns
+    -------
+    ModelStatus
+        Where it resolves, whether the weights are here, and how to get them if not.
+    """
     from .checkpoints import DEFAULT_MODEL, ModelNotFoundError, how_to_get_weights
 
     if model is not None:
@@ -363,8 +412,31 @@ def segment_volume(
 ):
     """Segment objects on slice ``z`` and (optionally) propagate them through the stack.
 
-    Returns ``(labels, objects, summary)``: a labels volume with the stack's spatial
-    shape, the objects found on slice ``z``, and the propagation summary (or None).
+    Parameters
+    ----------
+    engine : SamEngine
+    stack : Stack
+        The volume and the axis it is sliced along (one intensity mapping for all slices).
+    z : int
+        The slice the prompts are on.
+    points, point_labels, boxes, multimask
+        As for :func:`segment_2d`, in the slice's ``(row, col)``.
+    propagate_objects : bool
+        Carry each object from slice ``z`` through the stack.
+    cache : EmbeddingCache, optional
+        Each slice is embedded once and kept here.
+    direction : {"both", "up", "down"}
+        "up" = increasing slice index.
+    rule : StopRule, optional
+        When an object stops (predicted IoU, area change); default ``StopRule()``.
+
+    Returns
+    -------
+    labels : ndarray of uint8/uint16, the stack's spatial shape ``(Z, H, W)``
+    objects : list of ObjectResult
+        The objects found on slice ``z``.
+    summary : PropagationSummary or None
+        Slices each object reached and why it stopped (None without propagation).
     """
     embedding = stack.embedding(z, engine, cache)
     labels2d, objects = _segment_embedding(engine, embedding, _prompts(points, point_labels, boxes), multimask)
