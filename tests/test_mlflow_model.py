@@ -51,6 +51,19 @@ def test_export_is_self_contained_and_not_pickled(exported):
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
 
+def test_overwrite_replaces_only_a_model_and_only_when_the_new_one_is_written(exported, tmp_path):
+    precious = tmp_path / "notes"
+    precious.mkdir()
+    (precious / "important.txt").write_text("keep me")
+    res = run_cli("export-mlflow", "-o", str(precious), "--overwrite", "--model", str(exported / "artifacts" / "tiny_sam0"))
+    assert res.returncode == 2 and "is not an MLflow model" in res.stderr
+    assert (precious / "important.txt").read_text() == "keep me"
+    before = (exported / "MLmodel").read_text()
+    res = run_cli("export-mlflow", "-o", str(exported), "--overwrite", "--model", str(tmp_path / "no-such-model"))
+    assert res.returncode == 2
+    assert (exported / "MLmodel").read_text() == before  # the old model is untouched
+
+
 def test_predict_equals_napari_sam_score(exported, azure_request, tiny_sam_dir, tmp_path):
     req_file = tmp_path / "request.json"
     req_file.write_text(json.dumps(azure_request))
@@ -106,7 +119,7 @@ def test_bad_rows_name_the_row(exported):
     model = mlflow.pyfunc.load_model(str(exported))
     frame = pd.DataFrame([["iVBORw0K", "[[[1, 2]]]", "", "", False]],
                          columns=["image", "input_points", "input_boxes", "input_labels", "multimask_output"])
-    with pytest.raises(Exception, match="row 0: image could not be decoded"):
+    with pytest.raises(Exception, match="row 0: image is not a PNG"):
         model.predict(frame)
 
 

@@ -87,11 +87,25 @@ def test_an_interrupted_run_resumes(tiny_engine, inputs, tmp_path):
     assert len(read_lines(out)) == 5
 
 
+def test_an_unreadable_file_is_one_error_line_and_the_run_goes_on(tiny_engine, inputs, tmp_path):
+    (inputs / "0_latin1.csv").write_bytes("image,input_boxes\ncaf\xe9,[[0, 0, 1, 1]]\n".encode("latin-1"))
+    out = tmp_path / "out.jsonl"
+    summary = score_batch(Scorer(tiny_engine), inputs, out, progress=False)
+    lines = read_lines(out)
+    assert lines[0]["file"] == "0_latin1.csv" and lines[0]["row_number_per_file"] == -1
+    assert "utf-8" in lines[0]["error"] and summary.scored == 3
+
+
 def test_cli_score_batch_as_launched(tiny_sam_dir, inputs, tmp_path):
     out = tmp_path / "out.jsonl"
     res = run_cli("score-batch", str(inputs / "a.csv"), "-o", str(out), "--model", str(tiny_sam_dir), "--no-cache")
     assert res.returncode == 1, res.stderr  # one row failed
     assert "2 rows scored, 1 failed, 0 already in" in res.stdout
     assert len(read_lines(out)) == 3
+    rerun = run_cli("score-batch", str(inputs / "a.csv"), "-o", str(out), "--model", str(tiny_sam_dir), "--no-cache")
+    assert rerun.returncode == 1, rerun.stdout  # the failed row is still failed
+    assert "0 rows scored, 0 failed, 3 already in" in rerun.stdout and "1 of them failed then" in rerun.stdout
+    folder = run_cli("score-batch", str(inputs / "a.csv"), "-o", str(tmp_path), "--no-cache")
+    assert folder.returncode == 2 and "is a folder" in folder.stderr
     missing = run_cli("score-batch", str(tmp_path / "nope"), "-o", str(out))
     assert missing.returncode == 2 and missing.stderr.strip().endswith("does not exist"), missing.stderr

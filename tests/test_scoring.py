@@ -116,6 +116,12 @@ def test_bad_prompts_are_named(values, message):
     assert info.value.status == 422
 
 
+def test_deeply_nested_prompts_are_422():
+    for column in ("input_points", "input_boxes"):
+        with pytest.raises(ScoringError, match="not a JSON list"):
+            parse_row({"image": "x", column: "[" * 100_000})
+
+
 def test_too_many_predictions_is_413():
     boxes = json.dumps([[0, 0, 1, 1]] * 300)
     with pytest.raises(ScoringError, match="300 predictions") as info:
@@ -193,6 +199,18 @@ def test_pixel_limit_is_checked_before_decoding():
     assert info.value.status == 413
 
 
+def test_a_tiff_with_many_samples_is_refused_before_decoding():
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.zeros((64, 64, 300), np.uint8), photometric="minisblack", planarconfig="contig")
+    with pytest.raises(ScoringError, match="300 samples per pixel"):
+        decode_image(buf.getvalue())
+
+
+def test_not_an_image_says_so():
+    with pytest.raises(ScoringError, match="image is not a PNG, JPEG, TIFF, BMP or WebP file$"):
+        decode_image(b"%PDF-1.4 not an image")
+
+
 def test_mask_png_round_trip():
     mask = np.zeros((7, 11), bool)
     mask[2:5, 3:9] = True
@@ -256,6 +274,37 @@ def test_prompts_outside_the_image_name_x_y(scorer, scene):
     # a box that overhangs the edge means "up to the edge"
     out = scorer.score(request([b64, "", "[[150, -20, 260, 90]]", "", False]))
     assert decode_mask(out[0]["response"]["predictions"][0]["masks_per_prediction"][0]["encoded_binary_mask"]).shape == (120, 200)
+
+
+def test_predictions_x_masks_x_pixels_is_bounded(tiny_engine, scene):
+    scorer = Scorer(tiny_engine, limits=Limits(max_mask_pixels=10 * 120 * 200))
+    b64 = png_b64(scene)
+    boxes = json.dumps([[0, 0, 50, 50]] * 4)
+    with pytest.raises(ScoringError, match="4 predictions x 3 masks of 200 x 120 pixels") as info:
+        scorer.score(request([b64, "", boxes, "", True]))
+    assert info.value.status == 413
+    assert len(scorer.score(request([b64, "", boxes, "", False]))[0]["response"]["predictions"]) == 4
+
+
+def test_many_predictions_decode_in_pieces_with_the_same_result(tiny_engine, scene, monkeypatch):
+    import napari_sam.scoring as scoring
+
+    b64 = png_b64(scene)
+    boxes = json.dumps([[i, i, 100 + i, 60 + i] for i in range(0, 40, 4)])
+    whole = Scorer(tiny_engine).score(request([b64, "", boxes, "", True]))
+    monkeypatch.setattr(scoring, "_DECODE_BYTES", 3 * 120 * 200 * 4 * 3)  # three predictions a call
+    calls = []
+    real = tiny_engine.predict_batch
+    monkeypatch.setattr(tiny_engine, "predict_batch", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    pieces = Scorer(tiny_engine).score(request([b64, "", boxes, "", True]))
+    assert calls == [3, 3, 3, 1]
+    flat = [[(m["encoded_binary_mask"], m["iou_score"]) for m in p["masks_per_prediction"]]
+            for r in (whole, pieces) for p in r[0]["response"]["predictions"]]
+    for a, b in zip(flat[:10], flat[10:]):
+        for (mask_a, iou_a), (mask_b, iou_b) in zip(a, b):
+            # a different batch size may round differently in the last bits
+            assert (decode_mask(mask_a) != decode_mask(mask_b)).mean() < 1e-3
+            assert iou_a == pytest.approx(iou_b, abs=1e-5)
 
 
 def test_grayscale_and_16_bit_images_score(scorer):

@@ -72,7 +72,7 @@ def test_azure_sample_request(client, scene_b64):
 
 
 @pytest.mark.parametrize(("body", "status", "message"), [
-    ({"input_data": {"columns": ["image", "input_boxes"], "data": [["AAAA", "[[0, 0, 1, 1]]"]]}}, 422, "could not be decoded"),
+    ({"input_data": {"columns": ["image", "input_boxes"], "data": [["AAAA", "[[0, 0, 1, 1]]"]]}}, 422, "image is not a PNG, JPEG, TIFF, BMP or WebP file"),
     ({"input_data": {"columns": ["image", "input_boxes"], "data": [["???", "[[0, 0, 1, 1]]"]]}}, 422, "neither base64"),
     ({"input_data": {"columns": ["image", "input_boxes"], "data": [["https://example.org/a.png", "[[0, 0, 1, 1]]"]]}},
      422, "--allow-urls"),
@@ -96,6 +96,29 @@ def test_not_json_and_wrong_shapes_are_422(client):
     assert client.post("/score", json={"input_data": {"columns": "image", "data": 5}}).status_code == 422
     deep = "[" * 100_000 + "]" * 100_000
     assert client.post("/score", content=deep.encode(), headers={"Content-Type": "application/json"}).status_code < 500
+
+
+def test_validation_errors_are_one_line_without_the_input(client, scene_b64):
+    res = client.post("/score", json={"input_data": {"columns": ["image"], "data": [scene_b64]}})
+    detail = res.json()["detail"]
+    assert res.status_code == 422 and isinstance(detail, str) and detail.startswith("input_data.data.0")
+    assert scene_b64[:100] not in detail  # the input is not echoed back
+    res = client.post("/score", content=json.dumps({"input_data": 1}).encode(), headers={"Content-Type": "text/plain"})
+    assert res.status_code == 422 and "Content-Type: application/json" in res.json()["detail"]
+
+
+def test_mlflow_split_is_accepted_too(client, scene_b64):
+    body = {"dataframe_split": {"columns": ["image", "input_boxes"], "data": [[scene_b64, "[[60, 40, 200, 110]]"]]}}
+    res = client.post("/score", json=body)
+    assert res.status_code == 200 and len(res.json()[0]["response"]["predictions"]) == 1
+
+
+def test_hostile_prompts_are_4xx(client, scene_b64):
+    deep = client.post("/score", json=request([scene_b64, "[" * 100_000, "", "", False]))
+    assert deep.status_code == 422 and "not a JSON list" in deep.json()["detail"]
+    many = json.dumps([[[i % 200, 20] for i in range(65)]])
+    res = client.post("/score", json=request([scene_b64, many, "", "", False]))
+    assert res.status_code == 413 and "65 points; at most 64" in res.json()["detail"]
 
 
 def test_limits_are_413(client, scene_b64):

@@ -51,8 +51,12 @@ def add_parsers(sub, add_model_args, add_cache_args) -> None:
 def _limits(args, **extra):
     from .scoring import Limits
 
-    if args.max_image_pixels < 1:
-        raise ValueError(f"--max-image-pixels must be positive, got {args.max_image_pixels}")
+    from PIL import Image
+
+    pillow_cap = 2 * (Image.MAX_IMAGE_PIXELS or 0) or None  # Pillow refuses larger images itself
+    if args.max_image_pixels < 1 or (pillow_cap and args.max_image_pixels > pillow_cap):
+        raise ValueError(f"--max-image-pixels must be between 1 and {pillow_cap} (Pillow's own limit), "
+                         f"got {args.max_image_pixels}")
     return Limits(allow_urls=args.allow_urls, max_image_pixels=args.max_image_pixels, **extra)
 
 
@@ -75,7 +79,10 @@ def _need(extra: str, module: str) -> None:
 def cmd_score(args, load_engine, open_cache) -> int:
     from .scoring import ScoringError
 
-    text = sys.stdin.read() if args.request == "-" else Path(args.request).read_text(encoding="utf-8")
+    try:
+        text = sys.stdin.read() if args.request == "-" else Path(args.request).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the request {args.request}: {exc}") from None
     try:
         payload = json.loads(text)
     except ValueError as exc:
@@ -101,11 +108,16 @@ def cmd_score(args, load_engine, open_cache) -> int:
 def cmd_score_batch(args, load_engine, open_cache) -> int:
     from .score_batch import input_files, score_batch
 
-    input_files(args.input)  # a missing input fails before the model loads
+    input_files(args.input)  # a missing input or a folder as output fails before the model loads
+    if Path(args.output).is_dir():
+        raise ValueError(f"{args.output} is a folder; give the JSON-lines file to write")
     summary = score_batch(_scorer(args, load_engine, open_cache), args.input, args.output,
                           retry_failed=args.retry_failed)
-    print(f"{summary.scored} rows scored, {summary.failed} failed, {summary.skipped} already in {args.output}")
-    return 1 if summary.failed else 0
+    line = f"{summary.scored} rows scored, {summary.failed} failed, {summary.skipped} already in {args.output}"
+    if summary.failed_before:
+        line += f" ({summary.failed_before} of them failed then: --retry-failed scores them again)"
+    print(line)
+    return 1 if summary.failed or summary.failed_before else 0
 
 
 def cmd_serve(args, load_engine, open_cache) -> int:

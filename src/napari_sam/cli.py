@@ -167,7 +167,7 @@ def _load_engine(args):
     from .api import load_model
 
     _quiet_transformers()
-    print(f"loading model {args.model or '(default)'} ...", file=sys.stderr)
+    print(f"loading model {args.model or os.environ.get('NAPARI_SAM_MODEL') or '(default)'} ...", file=sys.stderr)
     return load_model(args.model, device=args.device, dtype=args.dtype)
 
 

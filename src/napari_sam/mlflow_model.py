@@ -31,7 +31,8 @@ RUNTIME_REQUIREMENTS = ["torch", "transformers", "numpy", "pandas", "pillow", "s
 class SamPyfuncModel(mlflow.pyfunc.PythonModel):
     """``predict(df)`` → DataFrame with a ``response`` column (see the module docstring).
 
-    A bad row raises ``ScoringError`` naming the row, which MLflow's server answers 400.
+    A bad row raises MLflow's "invalid parameter value" error naming the row and the
+    problem, which MLflow's server answers 400 with that message.
     """
 
     def load_context(self, context):
@@ -43,15 +44,20 @@ class SamPyfuncModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):
         import pandas as pd
 
-        unknown = sorted(set(model_input.columns) - set(COLUMNS))
-        if unknown:
-            raise ScoringError(f"unknown columns {unknown}; the columns are {list(COLUMNS)}")
-        responses = []
-        for i, values in enumerate(model_input.to_dict(orient="records")):
-            try:
-                responses.append(self.scorer.score_values(values)["response"])
-            except ScoringError as exc:
-                raise ScoringError(f"row {i}: {exc}", exc.status) from None
+        from mlflow.exceptions import MlflowException
+
+        try:
+            unknown = sorted(set(model_input.columns) - set(COLUMNS))
+            if unknown:
+                raise ScoringError(f"unknown columns {unknown}; the columns are {list(COLUMNS)}")
+            responses = []
+            for i, values in enumerate(model_input.to_dict(orient="records")):
+                try:
+                    responses.append(self.scorer.score_values(values)["response"])
+                except ScoringError as exc:
+                    raise ScoringError(f"row {i}: {exc}", exc.status) from None
+        except ScoringError as exc:
+            raise MlflowException.invalid_parameter_value(str(exc)) from None
         return pd.DataFrame({"response": responses})
 
 
@@ -74,7 +80,8 @@ def export(output, model=None, *, overwrite: bool = False) -> Path:
     if output.exists():
         if not overwrite:
             raise FileExistsError(f"{output} exists (pass --overwrite to replace it)")
-        shutil.rmtree(output)
+        if not (output / "MLmodel").is_file():
+            raise FileExistsError(f"{output} exists and is not an MLflow model; --overwrite only replaces one")
     weights = _model_files(model)
     example = pd.DataFrame(
         [[_EXAMPLE_IMAGE, "", "[[4, 4, 28, 28]]", "", False],
@@ -90,10 +97,21 @@ def export(output, model=None, *, overwrite: bool = False) -> Path:
     outputs = infer_signature(example, pd.DataFrame({"response": [_EXAMPLE_RESPONSE]})).outputs
     code = Path(tempfile.mkdtemp(prefix="napari-sam-export-")) / "napari_sam"
     shutil.copytree(Path(__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    # written beside the target and swapped in only when complete: a failed export
+    # leaves the old model as it was
+    staging = output.with_name(f".{output.name}.partial-{os.getpid()}")
     try:
-        _save(output, code, weights, example, inputs, outputs, model)
+        _save(staging, code, weights, example, inputs, outputs, model)
+        if output.exists():
+            old = output.with_name(f".{output.name}.old-{os.getpid()}")
+            os.replace(output, old)
+            os.replace(staging, output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, output)
     finally:
         shutil.rmtree(code.parent, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     return output
 
 

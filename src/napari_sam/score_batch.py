@@ -29,6 +29,7 @@ class BatchSummary:
     scored: int = 0
     failed: int = 0
     skipped: int = 0
+    failed_before: int = 0  # rows an earlier run left as errors (skipped unless retried)
     output: Path | None = None
 
 
@@ -64,20 +65,23 @@ def _rows(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
                 yield n, dict(zip(header, values)), None
 
 
-def _count(files: list[Path]) -> int:
-    total = 0
-    for path in files:
+def _count(path: Path) -> int:
+    """Data rows in ``path`` (1 for a file that cannot be read: its one error line)."""
+    try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            total += max(0, sum(1 for values in csv.reader(f) if values) - 1)
-    return total
+            return max(0, sum(1 for values in csv.reader(f) if values) - 1)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return 1
 
 
-def _done(output: Path, retry_failed: bool) -> set[tuple[str, int]]:
-    """Rows an earlier run already wrote; rewrites the file without a torn last line (and
-    without its errors when they are to be retried)."""
+def _done(output: Path, retry_failed: bool) -> tuple[set[tuple[str, int]], set[tuple[str, int]]]:
+    """Rows an earlier run already wrote (and those of them that failed); rewrites the file
+    without a torn last line (and without its errors when they are to be retried)."""
+    if output.is_dir():
+        raise IsADirectoryError(f"{output} is a folder; give the JSON-lines file to write")
     if not output.exists():
-        return set()
-    done, kept = set(), []
+        return set(), set()
+    done, failed, kept = set(), set(), []
     with open(output, encoding="utf-8") as f:
         for line in f:
             try:
@@ -85,14 +89,16 @@ def _done(output: Path, retry_failed: bool) -> set[tuple[str, int]]:
                 key = (record["file"], int(record["row_number_per_file"]))
             except (ValueError, KeyError, TypeError):
                 continue  # a line torn by an interrupted run
-            if "error" in record and retry_failed:
-                continue
+            if "error" in record:
+                if retry_failed:
+                    continue
+                failed.add(key)
             done.add(key)
             kept.append(line if line.endswith("\n") else line + "\n")
     tmp = output.with_name(output.name + ".tmp")
     tmp.write_text("".join(kept), encoding="utf-8")
     os.replace(tmp, output)
-    return done
+    return done, failed
 
 
 def score_batch(scorer: Scorer, source, output, *, retry_failed: bool = False, progress: bool = True) -> BatchSummary:
@@ -107,22 +113,25 @@ def score_batch(scorer: Scorer, source, output, *, retry_failed: bool = False, p
     files = input_files(source)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    done = _done(output, retry_failed)
+    done, failed_before = _done(output, retry_failed)
     summary = BatchSummary(output=output)
-    bar = tqdm(total=_count(files), unit="row", disable=not progress, file=sys.stderr)
+    counts = [_count(path) for path in files]
+    bar = tqdm(total=sum(counts), unit="row", disable=not progress, file=sys.stderr)
     with open(output, "a", encoding="utf-8") as out:
         def write(record: dict) -> None:
             out.write(json.dumps(record) + "\n")
             out.flush()
             os.fsync(out.fileno())
 
-        for path in files:
-            name = path.name
+        for path, count in zip(files, counts):
+            name, seen = path.name, 0
             try:
                 for n, values, problem in _rows(path):
                     bar.update(1)
+                    seen += 1
                     if (name, n) in done:
                         summary.skipped += 1
+                        summary.failed_before += (name, n) in failed_before
                         continue
                     record: dict = {"file": name, "row_number_per_file": n}
                     try:
@@ -135,8 +144,10 @@ def score_batch(scorer: Scorer, source, output, *, retry_failed: bool = False, p
                         summary.failed += 1
                     write(record)
             except (ScoringError, OSError, UnicodeDecodeError, csv.Error) as exc:
+                bar.update(max(0, count - seen))
                 if (name, -1) in done:
                     summary.skipped += 1
+                    summary.failed_before += (name, -1) in failed_before
                 else:
                     write({"file": name, "row_number_per_file": -1, "error": str(exc) if name in str(exc) else f"{name}: {exc}"})
                     summary.failed += 1

@@ -28,6 +28,7 @@ import json
 import math
 import threading
 import urllib.request
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,8 @@ PADDING_LABELS = (-1, -10)
 _ABSENT = ("", "null", "none", "nan")
 # A prompt string longer than this is not a prompt (and would make literal_eval slow).
 _MAX_PROMPT_CHARS = 1_000_000
+# memory for one decoder call's full-size logits (the scorer splits predictions to stay under it)
+_DECODE_BYTES = 256 * 2**20
 
 
 class ScoringError(ValueError):
@@ -63,6 +66,9 @@ class Limits:
     max_request_bytes: int = 64 * 2**20
     max_image_pixels: int = 50_000_000
     max_predictions_per_row: int = 256
+    max_points_per_set: int = 64
+    # predictions x masks x image pixels: what one request may make the server draw
+    max_mask_pixels: int = 2_000_000_000
     max_rows: int = 64
     allow_urls: bool = False
     url_timeout_s: float = 20.0
@@ -98,12 +104,13 @@ def _literal(value, column: str):
         raise ScoringError(f"{column} is {len(value)} characters long; at most {_MAX_PROMPT_CHARS}")
     try:
         return json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     try:
         return ast.literal_eval(value.strip())
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        raise ScoringError(f"{column} is not a JSON list: {_short(value)}") from None
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
+        reason = f" ({exc})" if isinstance(exc, ValueError) and "digits" in str(exc) else ""
+        raise ScoringError(f"{column} is not a JSON list of numbers{reason}: {_short(value)}") from None
 
 
 def _short(value, n: int = 80) -> str:
@@ -117,7 +124,7 @@ def _number(v, column: str) -> float:
     return float(v)
 
 
-def _point_sets(value) -> list[list[tuple[float, float]]] | None:
+def _point_sets(value, limits: Limits) -> list[list[tuple[float, float]]] | None:
     if _absent(value):
         return None
     sets = _literal(value, "input_points")
@@ -128,6 +135,9 @@ def _point_sets(value) -> list[list[tuple[float, float]]] | None:
     for k, s in enumerate(sets):
         if not isinstance(s, (list, tuple)) or not s or not all(isinstance(p, (list, tuple)) for p in s):
             raise ScoringError(f"input_points[{k}] must be a non-empty list of [x, y] points, {example}")
+        if len(s) > limits.max_points_per_set:
+            raise ScoringError(f"input_points[{k}] has {len(s)} points; at most {limits.max_points_per_set} per "
+                               "prompt set", 413)
         pts = []
         for p in s:
             if len(p) != 2:
@@ -202,7 +212,7 @@ def parse_row(values: Mapping[str, Any], limits: Limits = Limits()) -> Row:
     image = values.get("image")
     if not isinstance(image, str) or _absent(image):
         raise ScoringError("image must be a base64-encoded PNG/JPEG/TIFF (or an http(s) URL)")
-    points = _point_sets(values.get("input_points"))
+    points = _point_sets(values.get("input_points"), limits)
     labels = _label_sets(values.get("input_labels"), points)
     boxes = _boxes(values.get("input_boxes"))
     if points is None and boxes is None:
@@ -317,10 +327,13 @@ def decode_image(data: bytes, limits: Limits = Limits()) -> np.ndarray:
     """
     if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
         return _decode_tiff(data, limits)
-    from PIL import Image, ImageOps
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with warnings.catch_warnings():  # the pixel limit below is this scorer's own
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+        with im:
             _check_pixels(im.width * im.height, f"{im.width} x {im.height}", limits)
             im = ImageOps.exif_transpose(im)
             if im.mode in ("1", "L", "I;16", "I;16B", "I;16L", "I", "F"):
@@ -331,8 +344,10 @@ def decode_image(data: bytes, limits: Limits = Limits()) -> np.ndarray:
                 pixels = np.asarray(im.convert("RGB"))
     except ScoringError:
         raise
-    except Image.DecompressionBombError as exc:
-        raise ScoringError(f"image is too large: {exc}", 413) from None
+    except Image.DecompressionBombError:
+        raise ScoringError(f"image is larger than {limits.max_image_pixels} pixels", 413) from None
+    except UnidentifiedImageError:
+        raise ScoringError("image is not a PNG, JPEG, TIFF, BMP or WebP file") from None
     except Exception as exc:  # Pillow raises many types for damaged or unknown data
         raise ScoringError(f"image could not be decoded as PNG/JPEG/TIFF: {exc}") from None
     return pixels.astype(np.uint8) if pixels.dtype == bool else pixels
@@ -354,6 +369,9 @@ def _decode_tiff(data: bytes, limits: Limits) -> np.ndarray:
             if extra or "Y" not in axes or "X" not in axes:
                 raise ScoringError(f"TIFF holds {shape} ({axes}); the scorer takes one 2D image")
             h, w = shape[axes.index("Y")], shape[axes.index("X")]
+            samples = shape[axes.index("S")] if "S" in axes else 1
+            if samples > 4:
+                raise ScoringError(f"TIFF has {samples} samples per pixel; the scorer takes gray, RGB or RGBA")
             _check_pixels(h * w, f"{w} x {h}", limits)
             pixels = series.asarray()
     except ScoringError:
@@ -393,7 +411,7 @@ def _check_bounds(prompts: Sequence[Prompt], shape) -> None:
                 xy = p.points[bad][:, ::-1].tolist()
                 raise ScoringError(f"prediction {k}: points {xy} (x, y) lie outside the {w} x {h} image")
         if p.box is not None:
-            r0, c0, r1, c1 = p.box
+            r0, c0, r1, c1 = (float(v) for v in p.box)
             if r1 < -0.5 or c1 < -0.5 or r0 > h - 0.5 or c0 > w - 0.5:
                 raise ScoringError(f"prediction {k}: box {[c0, r0, c1, r1]} (x1, y1, x2, y2) lies outside "
                                    f"the {w} x {h} image")
@@ -441,16 +459,29 @@ class Scorer:
     def score_row(self, row: Row) -> dict:
         """One parsed row → ``{"response": {"predictions": [...]}}``."""
         image = decode_image(image_bytes(row.image, self.limits), self.limits)
-        _check_bounds(row.prompts, image.shape[:2])
-        with self._model_lock:
-            try:  # an image or prompt the preprocessing or the engine refuses is the client's
-                embedding = embed_cached(self.engine, image, mapping=resolve_intensity(image), cache=self.cache)
-                predictions = self.engine.predict_batch(embedding, row.prompts, multimask=row.multimask)
-            except (ValueError, TypeError) as exc:
-                raise ScoringError(str(exc)) from None
-        return {"response": {"predictions": [
-            {"masks_per_prediction": [
+        h, w = image.shape[:2]
+        _check_bounds(row.prompts, (h, w))
+        masks = 3 if row.multimask else 1
+        drawn = len(row.prompts) * masks * h * w
+        if drawn > self.limits.max_mask_pixels:
+            raise ScoringError(f"{len(row.prompts)} predictions x {masks} masks of {w} x {h} pixels is {drawn} mask "
+                               f"pixels; at most {self.limits.max_mask_pixels} per row (fewer prompts or a smaller "
+                               "image)", 413)
+        # decoded a few predictions at a time: full-size float logits are 4 bytes a pixel
+        step = max(1, _DECODE_BYTES // (masks * h * w * 4))
+        out, embedding = [], None
+        for start in range(0, len(row.prompts), step):
+            with self._model_lock:
+                try:  # an image or prompt the preprocessing or the engine refuses is the client's
+                    if embedding is None:
+                        embedding = embed_cached(self.engine, image, mapping=resolve_intensity(image),
+                                                 cache=self.cache)
+                    predictions = self.engine.predict_batch(embedding, row.prompts[start:start + step],
+                                                            multimask=row.multimask)
+                except (ValueError, TypeError) as exc:
+                    raise ScoringError(str(exc)) from None
+            out += [{"masks_per_prediction": [
                 {"encoded_binary_mask": encode_mask(mask), "iou_score": float(score)}
                 for mask, score in zip(p.masks, p.scores)
-            ]} for p in predictions
-        ]}}
+            ]} for p in predictions]
+        return {"response": {"predictions": out}}

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, HTTPException
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
@@ -39,7 +40,10 @@ class InputData(BaseModel):
 
 
 class ScoreRequest(BaseModel):
-    input_data: InputData
+    """Azure's ``input_data`` (or MLflow's ``dataframe_split``), and optional ``params``."""
+
+    input_data: InputData | None = None
+    dataframe_split: InputData | None = None
     params: dict[str, Any] | None = None
 
 
@@ -61,7 +65,7 @@ class RowOut(BaseModel):
 
 
 class Problem(BaseModel):
-    detail: Any
+    detail: str = Field(description="what is wrong, naming the row and column")
 
 
 class BodyLimit:
@@ -138,15 +142,29 @@ def create_app(scorer: Scorer | Callable[[], Scorer], limits: Limits | None = No
     def score(request: ScoreRequest) -> list[dict]:
         """Masks for each row's prompts: one entry per row, one prediction per prompt set or box."""
         try:
-            return state["scorer"].score(request.model_dump())
+            return state["scorer"].score(request.model_dump(exclude_none=True))
         except ScoringError as exc:
             raise HTTPException(status_code=exc.status, detail=str(exc)) from None
+
+    @app.exception_handler(RequestValidationError)
+    async def one_line(request, exc: RequestValidationError):
+        # FastAPI's default echoes the whole input back (megabytes of base64); say where
+        # and what, in one line, as the scorer's own errors do
+        problems = []
+        for error in exc.errors()[:5]:
+            where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "the request body"
+            problems.append(f"{where}: {error.get('msg', 'invalid')}")
+        detail = "; ".join(problems)
+        if "json" not in (request.headers.get("content-type") or "").lower():
+            detail += " (send the request as JSON with Content-Type: application/json)"
+        return JSONResponse({"detail": detail}, status_code=422)
 
     @app.get("/health", responses={400: {"model": Problem, "description": "malformed HTTP request"}})
     def health() -> dict:
         """Liveness and what is loaded."""
         engine = state["scorer"].engine
-        return {"status": "ok", "model": engine.model_id, "device": str(engine.device),
+        return {"status": "ok", "model": engine.source.location, "model_key": engine.model_id,
+                "device": str(engine.device),
                 "dtype": str(engine.dtype).replace("torch.", ""), "version": __version__}
 
     app.add_middleware(BodyLimit, max_bytes=limits.max_request_bytes)
