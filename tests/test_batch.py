@@ -110,6 +110,33 @@ def test_cli_batch_as_launched(prompts, tmp_path, tiny_sam_dir):
     assert res.returncode == 2 and "expected 'image'" in res.stderr and "Traceback" not in res.stderr
 
 
+def _engines_loaded() -> int:
+    from napari_sam import cluster
+
+    return len(cluster._ENGINES)
+
+
+def test_a_folder_with_the_same_prompt_for_every_image(prompts, tmp_path, tiny_sam_dir, tiny_engine):
+    folder = tmp_path / "imgs"
+    res = run_cli("batch", str(folder), "-o", str(tmp_path / "out"), "--box", "20,30,50,70", "--point", "35,50",
+                  "--model", str(tiny_sam_dir), "--no-cache")
+    assert res.returncode == 1, res.stderr  # the stack has no --slice
+    rows = summary(tmp_path / "out")
+    assert {k: v["status"] for k, v in rows.items()} == {"a.png": "ok", "b.tif": "ok", "c.tif": "ok", "vol.tif": "failed"}
+    assert "--slice" in rows["vol.tif"]["message"]
+    expected, _ = api.segment_2d(tiny_engine, api.read_image(folder / "b.tif"), points=[[35, 50]], boxes=[[20, 30, 50, 70]])
+    assert np.array_equal(tifffile.imread(tmp_path / "out" / "b_labels.tif"), expected)
+    stacks = run_cli("batch", str(folder), "-o", str(tmp_path / "out"), "--box", "20,20,40,44", "--slice", "2",
+                     "--propagate", "--model", str(tiny_sam_dir), "--no-cache")
+    assert stacks.returncode == 0 and "1 images labelled, 0 failed, 3 skipped" in stacks.stdout, stacks.stderr
+    assert tifffile.imread(tmp_path / "out" / "vol_labels.tif").shape == (6, 64, 64)
+    for wrong, message in ((["--box", "1,2,3,4"], "go with a FOLDER"),):
+        res = run_cli("batch", str(prompts), "-o", str(tmp_path / "o3"), *wrong)
+        assert res.returncode == 2 and message in res.stderr
+    res = run_cli("batch", str(folder), "-o", str(tmp_path / "o4"))
+    assert res.returncode == 2 and "give the prompts for every image" in res.stderr
+
+
 @pytest.fixture(scope="module")
 def cluster():
     distributed = pytest.importorskip("distributed")
@@ -127,6 +154,12 @@ def test_batch_and_embed_on_a_cluster_equal_the_local_run(cluster, prompts, tmp_
     for name in ("imgs_a_labels.tif", "other_a_labels.tif", "b_labels.tif", "vol_labels.tif"):
         assert np.array_equal(tifffile.imread(local / name), tifffile.imread(remote / name)), name
     assert {k: v["status"] for k, v in summary(local).items()} == {k: v["status"] for k, v in summary(remote).items()}
+    # each worker process loaded the model once and kept it for the images that followed
+    from distributed import Client
+
+    with Client(cluster.scheduler_address) as client:
+        loaded = client.run(_engines_loaded)
+    assert sum(loaded.values()) >= 1 and set(loaded.values()) <= {0, 1}, loaded
 
     # embed: the workers fill the shared cache with the entries a local run writes
     vol = tmp_path / "imgs" / "vol.tif"

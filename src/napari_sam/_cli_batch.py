@@ -8,9 +8,16 @@ import sys
 from pathlib import Path
 
 
-def add_parser(sub, add_model_args, add_cache_args, add_intensity_args) -> None:
+def add_parser(sub, add_model_args, add_cache_args, add_intensity_args, point_arg, box_arg) -> None:
     batch = sub.add_parser("batch", help="segment many images from a prompts CSV into labels TIFFs")
-    batch.add_argument("prompts", help="CSV: image, points, point_labels, boxes, slice, propagate (docs/usage.md)")
+    batch.add_argument("prompts", help="CSV: image, points, point_labels, boxes, slice, propagate (docs/usage.md); "
+                       "or a FOLDER of images, all given the prompts below")
+    batch.add_argument("--point", action="append", type=point_arg, default=[], metavar="ROW,COL[,LABEL]",
+                       help="with a FOLDER: a point prompt for every image; repeatable")
+    batch.add_argument("--box", action="append", type=box_arg, default=[], metavar="R0,C0,R1,C1",
+                       help="with a FOLDER: a box for every image; repeatable")
+    batch.add_argument("--slice", type=int, metavar="Z", help="with a FOLDER of stacks: the slice the prompts are on")
+    batch.add_argument("--propagate", action="store_true", help="with a FOLDER of stacks: propagate from --slice")
     batch.add_argument("-o", "--output", required=True, metavar="OUTDIR",
                        help="folder for <stem>_labels.tif and summary.csv")
     batch.add_argument("--overwrite", action="store_true", help="redo images whose output exists (default: skip)")
@@ -38,11 +45,29 @@ def settings(args):
     return ModelSettings(model=args.model, device=args.device, dtype=args.dtype, cache=cache)
 
 
-def cmd_batch(args, intensity: dict) -> int:
-    from .batch import read_jobs, run_batch
+def _source(args):
+    """The jobs (a FOLDER with --point/--box) or the CSV path; checked before any model loads."""
+    from .batch import PromptRow, folder_jobs, read_jobs
 
-    read_jobs(args.prompts, args.output)  # a missing or malformed CSV fails before any model loads
-    results = run_batch(args.prompts, args.output, settings(args), intensity=intensity,
+    given = args.point or args.box or args.slice is not None or args.propagate
+    if Path(args.prompts).is_dir():
+        if not (args.point or args.box):
+            raise ValueError(f"{args.prompts} is a folder: give the prompts for every image (--point/--box)")
+        row = PromptRow(0, [p[:2] for p in args.point] or None,
+                        [int(p[2]) if len(p) == 3 else 1 for p in args.point] or None, args.box or None,
+                        args.slice, args.propagate)
+        return folder_jobs(args.prompts, args.output, row)
+    if given:
+        raise ValueError("--point/--box/--slice/--propagate go with a FOLDER of images; a CSV has its own prompts")
+    read_jobs(args.prompts, args.output)  # a missing or malformed CSV fails now
+    return args.prompts
+
+
+def cmd_batch(args, intensity: dict) -> int:
+    from .batch import run_batch
+
+    source = _source(args)
+    results = run_batch(source, args.output, settings(args), intensity=intensity,
                         multimask=args.multimask, scheduler=args.scheduler, overwrite=args.overwrite)
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "failed", "skipped")}
     for r in results:

@@ -153,6 +153,21 @@ def read_jobs(csv_path, outdir) -> list[ImageJob]:
     return list(jobs.values())
 
 
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".npy")
+
+
+def folder_jobs(folder, outdir, row: PromptRow) -> list[ImageJob]:
+    """The same prompts on every image of ``folder`` (``napari-sam batch FOLDER --box ...``),
+    in name order; sub-folders are not entered."""
+    folder, outdir = Path(folder), Path(outdir)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no image ({', '.join(IMAGE_SUFFIXES)})")
+    jobs = [ImageJob(p.name, str(p.resolve()), "", [row]) for p in files]
+    _name_outputs(jobs, outdir)
+    return jobs
+
+
 def _name_outputs(jobs: list[ImageJob], outdir: Path) -> None:
     """``<stem>_labels.tif``; images whose stems collide are told apart by their path."""
     stems: dict[str, int] = {}
@@ -175,6 +190,10 @@ def _stem(name: str) -> str:
 
 
 def _is_stack(data, rows: list[PromptRow]) -> bool:
+    if data.ndim == 2:
+        if any(r.slice is not None for r in rows):
+            raise ValueError(f"the image is 2D {tuple(data.shape)}: a slice is for stacks")
+        return False
     if any(r.slice is not None for r in rows):
         return True
     return data.ndim == 4 or (data.ndim == 3 and data.shape[-1] > 16)
@@ -191,7 +210,7 @@ def segment_image(job: ImageJob, settings: ModelSettings, intensity: dict, multi
         data = api.open_volume(job.path)
         stacked = _is_stack(data, job.rows)
         if stacked and any(r.slice is None for r in job.rows):
-            raise ValueError(f"{job.name} is a stack of shape {tuple(data.shape)}: every row needs a slice")
+            raise ValueError(f"{job.name} is a stack of shape {tuple(data.shape)}: every row needs a slice (the CSV's slice column, or --slice)")
         if not stacked and any(r.propagate for r in job.rows):
             raise ValueError(f"{job.name} is 2D {tuple(data.shape)}: propagate needs a stack")
         engine, cache = worker_engine(settings), worker_cache(settings)
@@ -223,14 +242,15 @@ def _segment_rows(engine, cache, data, rows, stacked, intensity, multimask):
     return labels, int((present > 0).sum())
 
 
-def run_batch(csv_path, outdir, settings: ModelSettings = ModelSettings(), *, intensity: dict | None = None,
+def run_batch(source, outdir, settings: ModelSettings = ModelSettings(), *, intensity: dict | None = None,
               multimask: bool = False, scheduler: str | None = None, overwrite: bool = False,
               progress: bool = True) -> list[ImageResult]:
-    """Run every image of ``csv_path``; write the labels and ``OUTDIR/summary.csv``."""
+    """Run every image of ``source`` (a prompts CSV, or jobs from :func:`folder_jobs`);
+    write the labels and ``OUTDIR/summary.csv``."""
     from tqdm import tqdm
 
     outdir = Path(outdir)
-    jobs = read_jobs(csv_path, outdir)
+    jobs = list(source) if isinstance(source, list) else read_jobs(source, outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     results: list[ImageResult | None] = [None] * len(jobs)
     todo = []

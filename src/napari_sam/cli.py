@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cli_batch.add_scheduler_arg(emb)
     _add_model_args(emb)
     _add_cache_args(emb)
-    _cli_batch.add_parser(sub, _add_model_args, _add_cache_args, _add_intensity_args)
+    _cli_batch.add_parser(sub, _add_model_args, _add_cache_args, _add_intensity_args, _point, _box)
 
     cache = sub.add_parser("cache", help="inspect or clear the embedding cache")
     cache.add_argument("action", choices=["info", "clear"])
