@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 
 import numpy as np
 import pytest
@@ -140,8 +141,13 @@ def test_a_folder_with_the_same_prompt_for_every_image(prompts, tmp_path, tiny_s
 @pytest.fixture(scope="module")
 def cluster():
     distributed = pytest.importorskip("distributed")
+    environ = dict(os.environ)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as c:
+        # LocalCluster sets OMP_NUM_THREADS=1 (and more) in *this* process's environment
+        # for its workers; later subprocesses of the test run must not inherit it
+        os.environ.clear()
+        os.environ.update(environ)
         yield c
 
 
