@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,20 +23,27 @@ def test_tutorial_notebook_executes(tiny_sam_dir, tmp_path):
     from PIL import Image
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    env = {"NAPARI_SAM_MODEL": str(tiny_sam_dir), "NAPARI_SAM_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    # a kernel of this interpreter, whatever "python3" kernels the machine has installed
+    spec = tmp_path / "jupyter" / "kernels" / "napari-sam-test"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "napari-sam test", "language": "python"}))
+    env = {"NAPARI_SAM_MODEL": str(tiny_sam_dir), "NAPARI_SAM_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
+           "JUPYTER_PATH": str(tmp_path / "jupyter")}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the kernel inherits this process's environment (and the Xvfb display)
     try:
-        client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+        client = nbclient.NotebookClient(nb, timeout=300, kernel_name="napari-sam-test",
                                          resources={"metadata": {"path": str(tmp_path)}})
         client.execute()
     finally:
+        nbformat.write(nb, tmp_path / "tutorial.executed.ipynb")  # what ran, to look at (also on failure)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    nbformat.write(nb, tmp_path / "tutorial.executed.ipynb")  # kept with the test's files to look at
 
     pictures = [out["data"]["image/png"] for cell in nb.cells if cell.cell_type == "code"
                 for out in cell.get("outputs", []) if "image/png" in out.get("data", {})]
