@@ -31,7 +31,7 @@ its boundary and nowhere else.
 |---|---|---|
 | a point | `[row, col]` = `[y, x]` | `[x, y]` |
 | a box | `[row_min, col_min, row_max, col_max]` | `[x1, y1, x2, y2]` |
-| a 3D point | `[plane, row, col]` (or the `slice` argument) | 2D images only |
+| 3D prompts | the slice index `z` as its own argument, points and boxes in that slice's `(row, col)` | 2D images only |
 | point labels | `1` object, `0` background | `1` object, `0` background, `-1`/`-10` padding |
 | prompts per object | every box is one object; points join the box that contains them | each prompt set, or each box, is one prediction |
 | masks | `bool` arrays `(H, W)` | base64 8-bit PNG, 0/255, with `iou_score` |

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 
 import numpy as np
@@ -182,3 +183,54 @@ def test_unreachable_scheduler_is_one_line(prompts, tmp_path, tiny_sam_dir):
                   "--scheduler", "tcp://127.0.0.1:1")
     assert res.returncode == 2 and "cannot reach the Dask scheduler at tcp://127.0.0.1:1" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_names_never_collide_and_one_file_is_one_job(tmp_path):
+    (tmp_path / "x").mkdir()
+    for name in ("a.tif", "a.png", "x/a.tif", "x_a.tif"):
+        (tmp_path / name).write_bytes(b"")
+    csv_path = tmp_path / "p.csv"
+    csv_path.write_text('image,boxes\na.tif,"[0,0,1,1]"\na.png,"[0,0,1,1]"\n./a.tif,"[0,0,2,2]"\n'
+                        'x/a.tif,"[0,0,1,1]"\nx_a.tif,"[0,0,1,1]"\na.tif,[0,0,1,1]\n')
+    jobs = read_jobs(csv_path, tmp_path / "out")
+    assert [len(j.rows) for j in jobs] == [2, 1, 1, 1]  # a.tif and ./a.tif: one image
+    assert "more values than the header" in jobs[0].problem  # the unquoted list on the last line
+    outputs = [j.output for j in jobs]
+    assert len(set(outputs)) == len(outputs), outputs
+
+
+def test_hostile_csv_rows_fail_their_image_not_the_run(tmp_path, tiny_sam_dir):
+    img = np.zeros((50, 40, 3), np.uint8)
+    Image.fromarray(img).save(tmp_path / "rgb.png")
+    tifffile.imwrite(tmp_path / "g.tif", img[..., 0])
+    (tmp_path / "p.csv").write_text(
+        "image,points,boxes,slice\n"
+        "rgb.png,,\"[[1, 1, 10, 10]]\",0\n"                      # a slice on a colour image
+        f"g.tif,\"{'[' * 50_000}\",,\n"                          # nested past the recursion limit
+        f"g.tif,\"{json.dumps([[1, 1]] * 40_000)}\",,\n"         # longer than csv's default field limit
+        "g.tif,\"[[1, 1]]\",,,extra\n")
+    res = run_cli("batch", str(tmp_path / "p.csv"), "-o", str(tmp_path / "out"), "--model", str(tiny_sam_dir),
+                  "--no-cache")
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    rows = summary(tmp_path / "out")
+    assert "a slice is for stacks" in rows["rgb.png"]["message"]
+    assert rows["g.tif"]["message"].startswith("line 3: points")
+
+
+def test_unwritable_output_is_refused_before_the_model_loads(prompts, tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    res = run_cli("batch", str(prompts), "-o", str(blocker / "sub"), "--model", str(tmp_path / "no-model"))
+    assert res.returncode == 2 and "cannot write into the output folder" in res.stderr, res.stderr
+
+
+def test_workers_get_the_model_this_machine_resolves(tmp_path, monkeypatch):
+    import argparse
+
+    from napari_sam._cli_batch import settings
+
+    (tmp_path / "m").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NAPARI_SAM_MODEL", "m")
+    args = argparse.Namespace(model=None, device="auto", dtype="auto", cache=None, no_cache=True, scheduler=None)
+    assert settings(args).model == str((tmp_path / "m").resolve())

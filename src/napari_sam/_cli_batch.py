@@ -37,12 +37,21 @@ def add_scheduler_arg(p) -> None:
 def settings(args):
     from .cluster import ModelSettings
 
+    import os
+
+    from .api import MODEL_ENV
+
     cache = "" if getattr(args, "no_cache", False) else (str(Path(args.cache).resolve()) if args.cache else None)
+    # the workers get the model this machine would load: $NAPARI_SAM_MODEL and relative
+    # paths are resolved here, not in each worker's environment and folder
+    model = args.model or os.environ.get(MODEL_ENV) or None
+    if model and Path(model).exists():
+        model = str(Path(model).resolve())
     if args.scheduler and cache is None:
         from .api import EmbeddingCache
 
         cache = str(EmbeddingCache().directory)  # the workers get this machine's default folder by name
-    return ModelSettings(model=args.model, device=args.device, dtype=args.dtype, cache=cache)
+    return ModelSettings(model=model, device=args.device, dtype=args.dtype, cache=cache)
 
 
 def _source(args):
@@ -63,10 +72,23 @@ def _source(args):
     return args.prompts
 
 
+def _writable(folder: Path) -> None:
+    """The output folder exists (or is made) and takes files: checked before any model loads."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot write into the output folder {folder}: {exc.strerror or exc}") from None
+
+
 def cmd_batch(args, intensity: dict) -> int:
     from .batch import run_batch
 
     source = _source(args)
+    _writable(Path(args.output))
     results = run_batch(source, args.output, settings(args), intensity=intensity,
                         multimask=args.multimask, scheduler=args.scheduler, overwrite=args.overwrite)
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "failed", "skipped")}

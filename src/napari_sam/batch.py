@@ -26,6 +26,7 @@ import ast
 import csv
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from . import api
 from .cluster import ModelSettings, run_jobs, worker_cache, worker_engine
 
 COLUMNS = ("image", "points", "point_labels", "boxes", "slice", "propagate")
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long prompt lists are the user's to give
 SUMMARY_COLUMNS = ("image", "status", "objects", "seconds", "message")
 
 
@@ -77,7 +79,7 @@ def _value(text: str, column: str, line: int):
         return None
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     try:
         return ast.literal_eval(text)
@@ -141,11 +143,13 @@ def read_jobs(csv_path, outdir) -> list[ImageJob]:
             name = (values.get("image") or "").strip()
             if not name:
                 raise ValueError(f"{csv_path.name} line {line}: the image column is empty")
-            job = jobs.get(name)
+            path = str((Path(name) if Path(name).is_absolute() else csv_path.parent / name).resolve())
+            job = jobs.get(path)  # "a.tif" and "./a.tif" are one image: one job, one output
             if job is None:
-                path = Path(name) if Path(name).is_absolute() else csv_path.parent / name
-                job = jobs[name] = ImageJob(name, str(path.resolve()), "")
+                job = jobs[path] = ImageJob(name, path, "")
             try:
+                if values.get(None):
+                    raise ValueError(f"line {line}: more values than the header has columns")
                 job.rows.append(parse_prompt_row(values, line))
             except ValueError as exc:
                 job.problem = job.problem or str(exc)
@@ -169,7 +173,8 @@ def folder_jobs(folder, outdir, row: PromptRow) -> list[ImageJob]:
 
 
 def _name_outputs(jobs: list[ImageJob], outdir: Path) -> None:
-    """``<stem>_labels.tif``; images whose stems collide are told apart by their path."""
+    """``<stem>_labels.tif``; images whose stems collide are told apart by their path, and
+    any name still taken gets a number: no two images ever write one file."""
     stems: dict[str, int] = {}
     for job in jobs:
         stem = _stem(job.name)
@@ -178,7 +183,15 @@ def _name_outputs(jobs: list[ImageJob], outdir: Path) -> None:
         stem = _stem(job.name)
         if stems[stem] > 1:
             stem = "_".join(Path(job.name).with_suffix("").parts).replace("..", "up").lstrip("_/")
-        job.output = str(outdir.resolve() / f"{stem}_labels.tif")
+        job.output = stem
+    taken: set[str] = set()
+    for job in jobs:
+        name, k = job.output, 1
+        while name.lower() in taken:
+            k += 1
+            name = f"{job.output}_{k}"
+        taken.add(name.lower())
+        job.output = str(outdir.resolve() / f"{name}_labels.tif")
 
 
 def _stem(name: str) -> str:
@@ -190,9 +203,9 @@ def _stem(name: str) -> str:
 
 
 def _is_stack(data, rows: list[PromptRow]) -> bool:
-    if data.ndim == 2:
+    if data.ndim == 2 or (data.ndim == 3 and data.shape[-1] in (3, 4) and data.shape[0] > 4):
         if any(r.slice is not None for r in rows):
-            raise ValueError(f"the image is 2D {tuple(data.shape)}: a slice is for stacks")
+            raise ValueError(f"the image is 2D {tuple(data.shape)} (gray or colour): a slice is for stacks")
         return False
     if any(r.slice is not None for r in rows):
         return True
@@ -217,8 +230,11 @@ def segment_image(job: ImageJob, settings: ModelSettings, intensity: dict, multi
         labels, objects = _segment_rows(engine, cache, data, job.rows, stacked, intensity, multimask)
         api.write_labels_tiff(job.output, labels, overwrite=True)
         return ImageResult(job.name, "ok", objects, time.perf_counter() - t0)
-    except (OSError, ValueError, TypeError, IndexError) as exc:
-        return ImageResult(job.name, "failed", 0, time.perf_counter() - t0, str(exc))
+    except (OSError, ValueError, TypeError, IndexError, MemoryError) as exc:
+        message = str(exc) or type(exc).__name__
+        if job.name not in message and Path(job.name).name not in message and not message.startswith("line "):
+            message = f"{job.name}: {message}"
+        return ImageResult(job.name, "failed", 0, time.perf_counter() - t0, message)
 
 
 def _segment_rows(engine, cache, data, rows, stacked, intensity, multimask):
@@ -227,19 +243,28 @@ def _segment_rows(engine, cache, data, rows, stacked, intensity, multimask):
     labels = np.zeros(shape, np.uint32)
     next_id = 1
     for row in rows:
-        prompts = dict(points=row.points, point_labels=row.point_labels, boxes=row.boxes, multimask=multimask,
-                       cache=cache)
-        if stacked:
-            if not 0 <= row.slice < len(stack):
-                raise IndexError(f"line {row.line}: slice {row.slice} is outside the stack's {len(stack)} slices")
-            found, objs, _ = api.segment_volume(engine, stack, row.slice, propagate_objects=row.propagate, **prompts)
-        else:
-            found, objs = api.segment_2d(engine, np.asarray(data), **prompts, **intensity)
+        try:
+            found, objs = _segment_row(engine, cache, data, stack, row, intensity, multimask)
+        except (ValueError, IndexError) as exc:
+            where = f"line {row.line}" if row.line else "the prompts"  # line 0: given on the command line
+            raise ValueError(f"{where}: {exc}") from None
         free = (labels == 0) & (found > 0)  # an earlier row's labels are kept
         labels[free] = found[free].astype(np.uint32) + (next_id - 1)
         next_id += len(objs)
     present = np.unique(labels)
     return labels, int((present > 0).sum())
+
+
+def _segment_row(engine, cache, data, stack, row, intensity, multimask):
+    prompts = dict(points=row.points, point_labels=row.point_labels, boxes=row.boxes, multimask=multimask,
+                   cache=cache)
+    if stack is not None:
+        if not 0 <= row.slice < len(stack):
+            raise IndexError(f"slice {row.slice} is outside the stack's {len(stack)} slices")
+        found, objs, _ = api.segment_volume(engine, stack, row.slice, propagate_objects=row.propagate, **prompts)
+    else:
+        found, objs = api.segment_2d(engine, np.asarray(data), **prompts, **intensity)
+    return found, objs
 
 
 def run_batch(source, outdir, settings: ModelSettings = ModelSettings(), *, intensity: dict | None = None,

@@ -34,8 +34,19 @@ def worker_engine(settings: ModelSettings):
     """The engine for ``settings``, loaded once per process."""
     key = (settings.model, settings.device, settings.dtype)
     if key not in _ENGINES:
+        _quiet_transformers()
         _ENGINES[key] = load_model(settings.model, device=settings.device, dtype=settings.dtype)
     return _ENGINES[key]
+
+
+def _quiet_transformers() -> None:
+    # the weights' progress bar would break into the batch's own
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def worker_cache(settings: ModelSettings) -> EmbeddingCache | None:
@@ -57,10 +68,25 @@ def connect(address: str):
         raise ModuleNotFoundError(
             'spreading work over a cluster needs the distributed extra: pip install "napari-sam-labeler[distributed]"'
         ) from None
-    try:
-        return Client(address, timeout="20s")
-    except OSError as exc:
-        raise ConnectionError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+    # Client's own timeout does not cover a server that accepts the connection and then
+    # says nothing a scheduler would (any other TCP service): bound the whole handshake
+    import threading
+
+    box: dict = {}
+
+    def attempt():
+        try:
+            box["client"] = Client(address, timeout="20s")
+        except BaseException as exc:  # reported below, in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(30)
+    if "client" in box:
+        return box["client"]
+    reason = box.get("error") or "no answer in 30 s (is it a Dask scheduler?)"
+    raise ConnectionError(f"cannot reach the Dask scheduler at {address}: {reason}")
 
 
 def run_jobs(func: Callable, jobs: Iterable[tuple], *, scheduler: str | None = None) -> Iterator[tuple[int, Any]]:
