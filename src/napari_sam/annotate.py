@@ -154,3 +154,20 @@ def plan_commit(
         claimed |= take
     changed = np.nonzero(new != current)
     return CommitPlan(changed, new[changed], kept, [int(i) for i in ids])
+
+
+def parse_literal(text: str):
+    """A prompt list written as text (a CSV cell, a JSON field): JSON, else a Python literal
+    such as ``[(1, 2)]``; never ``eval``. Raises ``ValueError`` (the reason attached) for
+    anything else, including nesting deeper than the parsers allow."""
+    import ast
+    import json
+
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        pass
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
+        raise ValueError(str(exc) if isinstance(exc, ValueError) else type(exc).__name__) from None

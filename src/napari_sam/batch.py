@@ -22,9 +22,7 @@ interrupted one left. Images run here or, with ``scheduler``, on a Dask cluster
 
 from __future__ import annotations
 
-import ast
 import csv
-import json
 import os
 import sys
 import time
@@ -34,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from . import api
+from .annotate import parse_literal
 from .cluster import ModelSettings, run_jobs, worker_cache, worker_engine
 
 COLUMNS = ("image", "points", "point_labels", "boxes", "slice", "propagate")
@@ -78,12 +77,8 @@ def _value(text: str, column: str, line: int):
     if text.lower() in ("", "null", "none", "nan"):
         return None
     try:
-        return json.loads(text)
-    except (ValueError, RecursionError):
-        pass
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return parse_literal(text)
+    except ValueError:
         raise ValueError(f"line {line}: {column} {text[:60]!r} is not a list") from None
 
 

@@ -20,11 +20,9 @@ turned into napari's ``(row, col)`` for the engine and nowhere else.
 
 from __future__ import annotations
 
-import ast
 import base64
 import binascii
 import io
-import json
 import math
 import threading
 import urllib.request
@@ -35,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from .annotate import parse_literal
 from .api import EmbeddingCache, Prompt, embed_cached, resolve_intensity
 
 COLUMNS = ("image", "input_points", "input_boxes", "input_labels", "multimask_output")
@@ -103,13 +102,9 @@ def _literal(value, column: str):
     if len(value) > _MAX_PROMPT_CHARS:
         raise ScoringError(f"{column} is {len(value)} characters long; at most {_MAX_PROMPT_CHARS}")
     try:
-        return json.loads(value)
-    except (ValueError, RecursionError):
-        pass
-    try:
-        return ast.literal_eval(value.strip())
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
-        reason = f" ({exc})" if isinstance(exc, ValueError) and "digits" in str(exc) else ""
+        return parse_literal(value)
+    except ValueError as exc:
+        reason = f" ({exc})" if "digits" in str(exc) else ""
         raise ScoringError(f"{column} is not a JSON list of numbers{reason}: {_short(value)}") from None
 
 
