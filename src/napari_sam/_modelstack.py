@@ -99,3 +99,16 @@ def guard_triton() -> str:
         return decision
     decision = "allowed"
     return decision
+
+
+def quiet_transformers(errors_only: bool = True) -> None:
+    """Hide transformers' weight-loading progress bar (it breaks into our own progress
+    output) and, with ``errors_only``, its warnings. Cosmetic: never fails."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        if errors_only:
+            hf_logging.set_verbosity_error()
+    except Exception:  # logging tweaks are cosmetic
+        pass

@@ -153,20 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_transformers() -> None:
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except Exception:  # logging tweaks are cosmetic
-        pass
-
-
 def _load_engine(args):
     from .api import load_model
 
-    _quiet_transformers()
+    from ._modelstack import quiet_transformers
+
+    quiet_transformers()
     print(f"loading model {args.model or os.environ.get('NAPARI_SAM_MODEL') or '(default)'} ...", file=sys.stderr)
     return load_model(args.model, device=args.device, dtype=args.dtype)
 

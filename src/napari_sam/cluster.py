@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ._modelstack import quiet_transformers
 from .api import EmbeddingCache, load_model
 
 # per process: (model, device, dtype) -> engine; directory -> cache
@@ -34,19 +35,9 @@ def worker_engine(settings: ModelSettings):
     """The engine for ``settings``, loaded once per process."""
     key = (settings.model, settings.device, settings.dtype)
     if key not in _ENGINES:
-        _quiet_transformers()
+        quiet_transformers(errors_only=False)  # its bar would break into the batch's own
         _ENGINES[key] = load_model(settings.model, device=settings.device, dtype=settings.dtype)
     return _ENGINES[key]
-
-
-def _quiet_transformers() -> None:
-    # the weights' progress bar would break into the batch's own
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 def worker_cache(settings: ModelSettings) -> EmbeddingCache | None:
