@@ -451,6 +451,42 @@ class SamEngine:
                     )
         return results  # type: ignore[return-value]
 
+    def point_candidates(self, embedding: ImageEmbedding, points, *, multimask: bool = True,
+                         min_score: float | None = None):
+        """Decode each point alone as a positive prompt; keep candidates scoring above ``min_score``.
+
+        The automatic-segmentation decoder: ``points`` ``(N, 2)`` ``(row, col)`` pixels are
+        N independent prompts, decoded in one batched call. Candidates (three per point with
+        ``multimask``, else one) whose predicted IoU is not above ``min_score`` are dropped
+        before anything is upsampled.
+
+        Returns
+        -------
+        low_res : torch.Tensor, (M, L, L) float32
+            Low-resolution logits of the kept candidates (upsample with :meth:`upscale_logits`).
+        scores : ndarray, (M,) float32
+            Their predicted IoU.
+        which : ndarray, (M,) int64
+            The index in ``points`` each came from.
+        """
+        import torch
+
+        self._check_embedding(embedding)
+        size = embedding.original_size
+        pts = np.asarray(points, np.float64).reshape(-1, 2)
+        if len(pts) == 0:
+            empty = torch.zeros((0, self.low_res_size, self.low_res_size))
+            return empty, np.zeros(0, np.float32), np.zeros(0, np.int64)
+        if not np.all(np.isfinite(pts)):
+            raise ValueError("points contain NaN or infinite coordinates")
+        from ._grid_decoder import decode_points
+
+        xy = torch.from_numpy(pp.points_to_model(pts, size, self.spec))
+        feats = embedding.features.to(device=self.device, dtype=self.dtype)
+        with torch.inference_mode():
+            low, scores, which = decode_points(self.model, feats, xy, multimask=multimask, min_score=min_score)
+        return (low, scores.cpu().numpy().astype(np.float32), which.cpu().numpy().astype(np.int64))
+
     def upscale_logits(self, low_res, embedding: ImageEmbedding):
         """Low-res logits ``(..., L, L)`` → logits at the original image size.
 
