@@ -102,7 +102,35 @@ def step(viewer) -> None:
     report["preview_pixels"] = int((widget.state.preview.data > 0).sum())
     report["mask_pixels"] = int(preds[0].masks[0].sum())
     report["status"] = widget.status.text()
+    if MODE == "plugin":
+        segment_everything(viewer, widget, app)
     finish(0)
+
+
+def segment_everything(viewer, widget, app) -> None:
+    """Press "Segment everything" (a coarse grid; filters open for the random tiny model) and wait."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtTest import QTest
+
+    panel = widget.everything
+    panel.points_spin.setValue(4)
+    panel.iou_spin.setValue(0.0)
+    panel.stability_spin.setValue(0.0)
+    done = {}
+    widget.everything_done.connect(lambda layer: done.setdefault("layer", layer))
+    QTest.mouseClick(panel.run_button, Qt.MouseButton.LeftButton)
+    start = time.monotonic()
+    while "layer" not in done and time.monotonic() - start < TIMEOUT_S:
+        app.processEvents()
+        time.sleep(0.01)
+    if "layer" not in done:
+        report["error"] = f"no segment-everything layer within {TIMEOUT_S} s; status: {widget.status.text()!r}"
+        finish(5)
+    layer = done["layer"]
+    report["everything_layer"] = layer.name
+    report["everything_dtype"] = str(layer.data.dtype)
+    report["everything_objects"] = len(layer.metadata.get("everything", []))
+    report["everything_ids"] = int(len(set(layer.data.ravel().tolist()) - {0}))
 
 
 def main() -> None:

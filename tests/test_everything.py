@@ -364,3 +364,67 @@ def test_tiny_model_volume_and_api_errors(tiny_engine, blob_volume):
         api.segment_everything(tiny_engine, blob_volume[0], params=ev.EverythingParams(), points_per_side=4)
     with pytest.raises(ValueError, match="points_per_side"):
         api.segment_everything(tiny_engine, blob_volume[0], points_per_side=-1)
+
+
+# --- the command line ------------------------------------------------------------------------
+
+TINY_FLAGS = ["--points-per-side", "8", "--pred-iou-thresh", "0", "--stability-score-thresh", "0",
+              "--stability-score-offset", "0.0001"]
+
+
+def test_cli_everything_2d_writes_labels_and_table(tiny_sam_dir, blob_image, tmp_path, tiny_engine):
+    import csv
+
+    import tifffile
+
+    from napari_sam.cli import main
+
+    image = tmp_path / "blobs.tif"
+    tifffile.imwrite(image, blob_image)
+    out, table = tmp_path / "labels.tif", tmp_path / "objects.csv"
+    code = main(["everything", str(image), *TINY_FLAGS, "--model", str(tiny_sam_dir), "--device", "cpu",
+                 "--cache", str(tmp_path / "cache"), "-o", str(out), "--table", str(table)])
+    assert code == 0
+    labels = tifffile.imread(out)
+    expected = api.segment_everything(tiny_engine, blob_image, **TINY)
+    np.testing.assert_array_equal(labels, expected.labels)
+    rows = list(csv.DictReader(open(table)))
+    assert [int(r["id"]) for r in rows] == [r.id for r in expected.records]
+    assert [int(r["area"]) for r in rows] == [int((labels == r.id).sum()) for r in expected.records]
+    # an existing output is never replaced silently
+    assert main(["everything", str(image), *TINY_FLAGS, "--model", str(tiny_sam_dir), "-o", str(out)]) == 2
+
+
+def test_cli_everything_stack_slice_range(tiny_sam_dir, blob_volume, tmp_path, capsys):
+    import tifffile
+
+    from napari_sam.cli import main
+
+    vol = tmp_path / "stack.npy"
+    np.save(vol, blob_volume)
+    out = tmp_path / "stack_labels.tif"
+    code = main(["everything", str(vol), *TINY_FLAGS, "--slice-range", "1:3", "--model", str(tiny_sam_dir),
+                 "--device", "cpu", "--no-cache", "-o", str(out)])
+    assert code == 0
+    labels = tifffile.imread(out)
+    assert labels.shape == blob_volume.shape
+    assert labels[1:3].any() and not labels[0].any() and not labels[3:].any()
+    assert "objects; wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--points-per-side", "0"], "points_per_side must be an integer >= 1"),
+    (["--slice-range", "1:3"], "--slice-range needs a 3D stack"),
+    (["--link-iou", "2"], "link_iou must be a number between 0 and 1"),
+])
+def test_cli_everything_errors_are_one_line(extra, message, blob_image, tmp_path, capsys):
+    import tifffile
+
+    from napari_sam.cli import main
+
+    image = tmp_path / "blobs.tif"
+    tifffile.imwrite(image, blob_image)
+    # no model is loaded (the option is checked first): a missing model would say so instead
+    code = main(["everything", str(image), *extra, "--model", str(tmp_path / "no-model"), "-o", str(tmp_path / "x.tif")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

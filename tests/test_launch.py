@@ -59,6 +59,11 @@ def test_first_click_gives_a_preview_in_a_fresh_process(mode, tiny_sam_dir, tmp_
     # and SAM answered with a preview of the sample image's size
     assert result["objects"] == 1 and result["mask_shape"][1:] == [660, 550], result
     assert result["preview_pixels"] == result["mask_pixels"], result
+    if mode == "plugin":
+        # then "Segment everything" pressed in the same session: a new uint32 labels layer
+        assert result["everything_layer"] == "cell everything", result
+        assert result["everything_dtype"] == "uint32", result
+        assert result["everything_objects"] == result["everything_ids"] >= 1, result
     if mode == "demo":
         # the image is visible beside the dock: the demo maximises and narrows the docks
         window_w, _ = result["window_size"]

@@ -44,6 +44,9 @@ _LAZY = {
     "EmbeddingCache": "api",
     "embed_cached": "api",
     "model_status": "api",
+    "segment_everything": "api",
+    "segment_everything_volume": "api",
+    "EverythingParams": "api",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -56,6 +59,7 @@ if TYPE_CHECKING:  # pragma: no cover  (names for type checkers; resolved lazily
     from .api import (
         EmbeddingCache, Stack, StopRule, embed_cached, model_status, open_volume, propagate_labels,
         read_image, segment_2d, segment_volume, write_labels_nifti, write_labels_tiff,
+        EverythingParams, segment_everything, segment_everything_volume,
     )
     from .preprocess import CT_PRESETS, resolve_intensity, to_rgb_uint8
 

@@ -494,16 +494,22 @@ def segment_everything_steps(
     params: EverythingParams | None = None,
     cache: EmbeddingCache | None = None,
     cancelled=None,
+    mapping=None,
     **options,
 ):
     """:func:`segment_everything` as a generator of :class:`EverythingProgress`.
 
     Its return value is the :class:`EverythingResult`, or None when ``cancelled()``
-    returned True (polled between decoder batches and encoder blocks).
+    returned True (polled between decoder batches and encoder blocks). ``mapping`` (an
+    :class:`~napari_sam._types.IntensityMapping` resolved beforehand, as the widget keeps
+    one per layer) replaces the intensity options.
     """
     params, intensity = _everything_params(params, options)
     image = pp.check_image_2d(image)
-    mapping = resolve_intensity(image, **intensity)
+    if mapping is None:
+        mapping = resolve_intensity(image, **intensity)
+    elif intensity:
+        raise TypeError(f"give either mapping or {sorted(intensity)}, not both")
     return (yield from _everything.segment_steps(
         engine, image.shape[:2], _crop_embedder(engine, image, mapping, cache), params,
         cancelled=cancelled or (lambda: False),

@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import _cli_batch, _cli_serving
+from . import _cli_batch, _cli_everything, _cli_serving
 from ._version import __version__
 
 EXIT_USAGE = 2
@@ -81,18 +81,18 @@ def _open_cache(args):
     return EmbeddingCache(args.cache)
 
 
-def _slices(text: str | None, n: int):
+def _slices(text: str | None, n: int, option: str = "--slices"):
     if text is None:
         return None
     try:
         parts = [int(p) if p else None for p in text.split(":")]
     except ValueError:
-        raise UserError(f"--slices {text!r} must look like START:STOP") from None
+        raise UserError(f"{option} {text!r} must look like START:STOP") from None
     if len(parts) != 2:
-        raise UserError(f"--slices {text!r} must look like START:STOP")
+        raise UserError(f"{option} {text!r} must look like START:STOP")
     chosen = range(n)[slice(*parts)]
     if len(chosen) == 0:
-        raise UserError(f"--slices {text!r} selects no slice of the stack's {n} (0 to {n - 1})")
+        raise UserError(f"{option} {text!r} selects no slice of the stack's {n} (0 to {n - 1})")
     return chosen
 
 
@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(emb)
     _add_cache_args(emb)
     _cli_batch.add_parser(sub, _add_model_args, _add_cache_args, _add_intensity_args, _point, _box)
+    _cli_everything.add_parser(sub, _add_model_args, _add_cache_args, _add_intensity_args)
 
     cache = sub.add_parser("cache", help="inspect or clear the embedding cache")
     cache.add_argument("action", choices=["info", "clear"])
@@ -356,6 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
+        if args.command == "everything":
+            return _cli_everything.cmd_everything(
+                args, UserError, _load_engine, _open_cache,
+                {k: v for k, v in _intensity(args).items() if v is not None}, _slices)
         if args.command == "batch":
             return _cli_batch.cmd_batch(args, {k: v for k, v in _intensity(args).items() if v is not None})
         if args.command in _cli_serving.COMMANDS:

@@ -6,6 +6,7 @@
 ``prompts``        :class:`~.prompt_panel.PromptPanel`: prompt layers, decoding, candidates
 ``labels``         :class:`~.labels_panel.LabelsPanel`: commit, undo, refine
 ``stack``          :class:`~.stack_panel.StackPanel`: embed a stack, propagate (3D only)
+``everything``     :class:`~.everything_panel.EverythingPanel`: automatic segmentation
 =================  ============================================================
 
 Work never runs on the GUI thread (workers with progress and Cancel); results are applied
@@ -20,6 +21,7 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QFrame, QLabel, QScrollArea, QVBoxLayout, QWidget
 
 from .autosave_panel import AutosavePanel
+from .everything_panel import EverythingPanel
 from .labels_panel import LabelsPanel
 from .model_panel import ModelPanel
 from .prompt_panel import PromptPanel
@@ -57,6 +59,7 @@ class SamLabelerWidget(QWidget):
         self.prompts = PromptPanel(self.state, self)
         self.labels = LabelsPanel(self.state, self)
         self.stack = StackPanel(self.state, self)
+        self.everything = EverythingPanel(self.state, self)
         self.autosave = AutosavePanel(self.state, self)
         self._build_ui()
         self._connect_viewer()
@@ -68,7 +71,7 @@ class SamLabelerWidget(QWidget):
         content = QWidget()
         layout = QVBoxLayout(content)
         # the restore offer first: it only shows when there is something to restore
-        for panel in (self.autosave, self.model, self.prompts, self.labels, self.stack):
+        for panel in (self.autosave, self.model, self.prompts, self.labels, self.stack, self.everything):
             layout.addWidget(panel)
         self.status = QLabel("Choose an image, then add points or boxes.")
         self.status.setWordWrap(True)
@@ -145,6 +148,7 @@ class SamLabelerWidget(QWidget):
             return
         self.prompts.ensure_layers(layer)
         self.stack.show_for(layer)
+        self.everything.show_for(layer)
         self.autosave.offer(layer)
         self._fit_scroll_width()
         self.model.window_for(layer)
@@ -227,3 +231,10 @@ class SamLabelerWidget(QWidget):
 
     def cancel_stack_work(self) -> None:
         self.stack.cancel()
+
+    def segment_everything(self) -> None:
+        """Automatic segmentation of the image / slice / 3D range into a new labels layer (worker)."""
+        self.everything.run()
+
+    def cancel_everything(self) -> None:
+        self.everything.cancel()
