@@ -428,3 +428,14 @@ def test_cli_everything_errors_are_one_line(extra, message, blob_image, tmp_path
     code = main(["everything", str(image), *extra, "--model", str(tmp_path / "no-model"), "-o", str(tmp_path / "x.tif")])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_point_candidates_with_no_points_and_bad_points(tiny_engine, blob_image):
+    emb = tiny_engine.embed(blob_image)
+    low, scores, which = tiny_engine.point_candidates(emb, np.zeros((0, 2)))
+    assert low.shape == (0, tiny_engine.low_res_size, tiny_engine.low_res_size) and len(scores) == len(which) == 0
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        tiny_engine.point_candidates(emb, [[np.nan, 3.0]])
+    with pytest.raises(ValueError, match="different model"):
+        other = ImageEmbedding(emb.features, emb.original_size, emb.input_size, emb.spec, emb.mapping, "other")
+        tiny_engine.point_candidates(other, [[3.0, 3.0]])

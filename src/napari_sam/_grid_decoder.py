@@ -135,6 +135,9 @@ def decode_points(model, features: torch.Tensor, coords_xy: torch.Tensor, *, mul
     out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0).to(dtype)
     tokens = torch.cat([out_tokens.expand(n, -1, -1), sparse[0].to(dtype)], dim=1)  # (N, T, C)
     lows, scores, which = [], [], []
+    if n == 0:
+        return (torch.zeros((0, 4 * hh, 4 * ww), device=device), torch.zeros(0, device=device),
+                torch.zeros(0, dtype=torch.int64, device=device))
     if chunk is None:  # CPUs: small chunks stay in cache; accelerators want the whole batch
         chunk = CHUNK if device.type == "cpu" else n
     for start in range(0, n, max(1, int(chunk))):

@@ -453,30 +453,19 @@ class SamEngine:
 
     def point_candidates(self, embedding: ImageEmbedding, points, *, multimask: bool = True,
                          min_score: float | None = None):
-        """Decode each point alone as a positive prompt; keep candidates scoring above ``min_score``.
+        """Decode each point alone as a positive prompt (automatic segmentation's decoder).
 
-        The automatic-segmentation decoder: ``points`` ``(N, 2)`` ``(row, col)`` pixels are
-        N independent prompts, decoded in one batched call. Candidates (three per point with
-        ``multimask``, else one) whose predicted IoU is not above ``min_score`` are dropped
-        before anything is upsampled.
-
-        Returns
-        -------
-        low_res : torch.Tensor, (M, L, L) float32
-            Low-resolution logits of the kept candidates (upsample with :meth:`upscale_logits`).
-        scores : ndarray, (M,) float32
-            Their predicted IoU.
-        which : ndarray, (M,) int64
-            The index in ``points`` each came from.
+        ``points`` ``(N, 2)`` ``(row, col)`` are N independent prompts decoded in one batched
+        call; candidates (3 per point with ``multimask``) whose predicted IoU is not above
+        ``min_score`` are dropped before anything is upsampled. Returns ``low_res`` (M, L, L)
+        float32 logits (for :meth:`upscale_logits`), their ``scores`` (M,) and ``which``
+        point (M,) each came from.
         """
         import torch
 
         self._check_embedding(embedding)
         size = embedding.original_size
         pts = np.asarray(points, np.float64).reshape(-1, 2)
-        if len(pts) == 0:
-            empty = torch.zeros((0, self.low_res_size, self.low_res_size))
-            return empty, np.zeros(0, np.float32), np.zeros(0, np.int64)
         if not np.all(np.isfinite(pts)):
             raise ValueError("points contain NaN or infinite coordinates")
         from ._grid_decoder import decode_points
