@@ -6,6 +6,8 @@ import csv
 import os
 import sys
 
+import numpy as np
+
 from .api import EverythingParams
 
 # (option, EverythingParams field, type, help)
@@ -30,7 +32,7 @@ OPTIONS = [
 def add_parser(sub, add_model_args, add_cache_args, add_intensity_args) -> None:
     p = sub.add_parser("everything", help="segment every object of an image or stack (automatic masks) "
                        "into an instance labels TIFF")
-    p.add_argument("image", help="2D image or 3D stack: TIFF, PNG, JPEG, .npy, DICOM folder, NIfTI")
+    p.add_argument("image", help="2D image or 3D stack: TIFF, PNG, JPEG, .npy or a zarr array folder")
     for flag, _field, kind, text in OPTIONS:
         p.add_argument(flag, type=kind, help=text)
     p.add_argument("--slice-range", metavar="A:B", help="3D: only slices A to B-1 (Python range, e.g. 10:20)")
@@ -86,8 +88,10 @@ def cmd_everything(args, user_error, load_engine, open_cache, intensity, slices)
     for target in (args.output, args.table):
         if target and os.path.exists(target) and not args.overwrite:
             raise user_error(f"{target} exists; pass --overwrite to replace it")
-    image = api.read_image(args.image)
+    image = api.open_volume(args.image)  # a stack is read slice by slice (memory-mapped TIFF/.npy, zarr)
     stack = None
+    if not _is_stack(image, args):
+        image = np.asarray(image)
     if _is_stack(image, args):
         stack = api.Stack(image, axis=args.axis, **intensity)
         chosen = slices(args.slice_range, len(stack), "--slice-range") if args.slice_range else range(len(stack))

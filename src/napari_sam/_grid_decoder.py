@@ -93,8 +93,8 @@ def _image_to_tokens(att, q_image, k_tokens, v_tokens, shared: bool):
 
 
 # Prompts pushed through the per-prompt stage together: small enough that the (n, 4096, 256)
-# intermediates stay in the CPU's cache (4 measured best on a 2-core EPYC: 24 vs 32 ms/point at 64).
-CHUNK = 2
+# intermediates stay in the CPU cache (1 measured best on a 2-core EPYC).
+CHUNK = 1
 
 
 def decode_points(model, features: torch.Tensor, coords_xy: torch.Tensor, *, multimask: bool = True,
@@ -172,11 +172,12 @@ def _decode_chunk(dec, tokens, keys, key_pe, k_in, pre, shape, multimask, min_sc
         attn = _image_to_tokens(layer.cross_attn_image_to_token, i2t_q, queries + query_pe, queries, shared)
         keys = layer.layer_norm4(keys + attn)  # (n, S, C): from here on, per prompt
         shared = False
-    final = dec.transformer.final_attn_token_to_image
-    queries = dec.transformer.layer_norm_final_attn(
-        queries + _tokens_to_image(final, queries + query_pe, keys + key_pe, keys, False))
-
-    iou = dec.iou_prediction_head(queries[:, 0]).float()  # (n, 1 + 3)
+    # The final token-to-image attention, per token: the IoU token for every prompt, the mask
+    # tokens only for prompts that keep a candidate (the others are never upsampled).
+    final, norm = dec.transformer.final_attn_token_to_image, dec.transformer.layer_norm_final_attn
+    k_fin = keys + key_pe
+    iou_token = norm(queries[:, :1] + _tokens_to_image(final, queries[:, :1] + query_pe[:, :1], k_fin, keys, False))
+    iou = dec.iou_prediction_head(iou_token[:, 0]).float()  # (n, 1 + 3)
     first = 1 if multimask else 0
     count = dec.num_mask_tokens - 1 if multimask else 1
     scores = iou[:, first:first + count]
@@ -185,11 +186,13 @@ def _decode_chunk(dec, tokens, keys, key_pe, k_in, pre, shape, multimask, min_sc
     size = dec.upscale_conv2.out_channels
     low = torch.zeros((0, 4 * hh, 4 * ww), dtype=torch.float32, device=keys.device)
     if rows.numel():
+        tok = slice(1 + first, 1 + first + count)
+        mask_tokens = norm(queries[rows, tok] + _tokens_to_image(
+            final, queries[rows, tok] + query_pe[rows, tok], k_fin[rows], keys[rows], False))  # (m, K, C)
         # The upsampling (the costliest step per prompt) only for prompts with a candidate kept.
         src = keys[rows].transpose(1, 2).reshape(-1, c, hh, ww)
         up = dec.activation(dec.upscale_layer_norm(dec.upscale_conv1(src)))
         up = dec.activation(dec.upscale_conv2(up))  # (m, 32, 4h, 4w)
-        mask_tokens = queries[rows, 1 + first:1 + first + count]  # (m, K, C)
         hyper = torch.stack([dec.output_hypernetworks_mlps[first + i](mask_tokens[:, i]) for i in range(count)], dim=1)
         masks = torch.bmm(hyper, up.reshape(up.shape[0], size, -1)).reshape(-1, count, 4 * hh, 4 * ww)
         low = masks[keep[rows]].float()

@@ -162,6 +162,9 @@ class EverythingResult:
 
 # --- one image ----------------------------------------------------------------------------
 
+_UPSAMPLE_BYTES = 256 * 2**20
+
+
 @dataclass
 class _Candidate:
     box: tuple[int, int, int, int]  # in image pixels, exclusive ends
@@ -200,9 +203,10 @@ def _decode_crop(engine, embedding, crop, shape, layer: int, params: EverythingP
         batch = points[start:start + params.points_per_batch]
         low, scores, which = engine.point_candidates(
             embedding, batch, multimask=True, min_score=params.pred_iou_thresh)
-        # Upsample a few masks at a time: full-size logits are H*W floats each.
-        for s in range(0, len(which), 16):
-            logits = engine.upscale_logits(low[s:s + 16], embedding)
+        # Upsample a few masks at a time: full-size logits are H*W floats each (~256 MiB a chunk).
+        step = max(1, min(16, _UPSAMPLE_BYTES // (4 * ch * cw)))
+        for s in range(0, len(which), step):
+            logits = engine.upscale_logits(low[s:s + step], embedding)
             stab = stability_score(logits, 0.0, params.stability_score_offset)
             masks = logits > 0
             for j in range(len(logits)):
