@@ -278,6 +278,10 @@ def test_device_and_dtype_choices(tiny_sam_dir, blob_image):
 
 
 def test_sdpa_attention_is_used(tiny_engine):
+    from transformers import SamModel
+
+    if not getattr(SamModel, "_supports_sdpa", False):
+        pytest.skip("this transformers has no SDPA for SAM (< 4.47): its eager default is used")
     assert tiny_engine.model.config._attn_implementation == "sdpa"
 
 

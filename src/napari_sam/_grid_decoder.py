@@ -30,6 +30,17 @@ def _softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return e.div_(e.sum(dim, keepdim=True))
 
 
+def _scaling(att) -> float:
+    # transformers >= 4.48 stores it; older versions computed the same value inline
+    return getattr(att, "scaling", (att.internal_dim // att.num_attention_heads) ** -0.5)
+
+
+def _self_attention(att, query, key, value):
+    """transformers' own module on (N, T, C) tokens (it wants a leading batch axis)."""
+    out = att(query=query[None], key=key[None], value=value[None])
+    return (out[0] if isinstance(out, tuple) else out)[0]  # newer versions return (output, weights)
+
+
 def _heads(x: torch.Tensor, h: int) -> torch.Tensor:
     """(B, N, I) -> (B, h, N, I/h)."""
     b, n, i = x.shape
@@ -47,7 +58,7 @@ def _tokens_to_image(att, q_tokens, k_image, v_image, shared: bool):
     q = _heads(att.q_proj(q_tokens), h)  # (N, h, T, d)
     n, _, t, d = q.shape
     if shared:
-        probs = _softmax((q @ k_image.transpose(-1, -2)) * att.scaling, dim=-1)  # (N, h, T, S)
+        probs = _softmax((q @ k_image.transpose(-1, -2)) * _scaling(att), dim=-1)  # (N, h, T, S)
         out = probs @ v_image  # (N, h, T, d)
     else:
         c = k_image.shape[-1]
@@ -56,7 +67,7 @@ def _tokens_to_image(att, q_tokens, k_image, v_image, shared: bool):
         folded = torch.einsum("nhtd,hdc->nhtc", q, wk).reshape(n, h * t, c)
         # q·b_k is constant along the image axis: softmax ignores it.
         # (N, S, hT): the image tokens stay the contiguous left operand (no transposed copy)
-        logits = torch.bmm(k_image, folded.transpose(1, 2)) * att.scaling
+        logits = torch.bmm(k_image, folded.transpose(1, 2)) * _scaling(att)
         probs = _softmax(logits, dim=1)
         ctx = torch.bmm(probs.transpose(1, 2), v_image).reshape(n, h, t, c)  # (N, h, T, C)
         # rows of probs sum to 1, so the value bias passes through unchanged
@@ -79,14 +90,14 @@ def _image_to_tokens(att, q_image, k_tokens, v_tokens, shared: bool):
     wo = att.out_proj.weight.reshape(c, h, d).permute(1, 2, 0)  # (h, d, C)
     vo = torch.einsum("nhtd,hdc->nhtc", v, wo).reshape(n, h * t, c)  # values already through out_proj
     if shared:
-        logits = (q_image @ k.transpose(-1, -2)) * att.scaling  # (N, h, S, T)
+        logits = (q_image @ k.transpose(-1, -2)) * _scaling(att)  # (N, h, S, T)
         s = logits.shape[2]
         probs = _softmax(logits, dim=-1).transpose(1, 2).reshape(n, s, h * t)
     else:
         wq = att.q_proj.weight.reshape(h, d, c)
         folded = torch.einsum("nhtd,hdc->nhtc", k, wq).reshape(n, h * t, c)
         bias = torch.einsum("nhtd,hd->nht", k, att.q_proj.bias.reshape(h, d)).reshape(n, 1, h * t)
-        logits = (torch.bmm(q_image, folded.transpose(1, 2)) + bias) * att.scaling  # (N, S, hT)
+        logits = (torch.bmm(q_image, folded.transpose(1, 2)) + bias) * _scaling(att)  # (N, S, hT)
         s = logits.shape[1]
         probs = _softmax(logits.reshape(n, s, h, t), dim=-1).reshape(n, s, h * t)
     return torch.bmm(probs, vo).add_(att.out_proj.bias)
@@ -156,10 +167,10 @@ def _decode_chunk(dec, tokens, keys, key_pe, k_in, pre, shape, multimask, min_sc
     shared = True
     for layer in dec.transformer.layers:
         if layer.skip_first_layer_pe:
-            queries = layer.self_attn(query=queries[None], key=queries[None], value=queries[None])[0][0]
+            queries = _self_attention(layer.self_attn, queries, queries, queries)
         else:
-            q = (queries + query_pe)[None]
-            queries = queries + layer.self_attn(query=q, key=q, value=queries[None])[0][0]
+            q = queries + query_pe
+            queries = queries + _self_attention(layer.self_attn, q, q, queries)
         queries = layer.layer_norm1(queries)
         if shared:
             t2i_k, t2i_v, i2t_q = pre

@@ -305,7 +305,13 @@ def load_meta_checkpoint(path: str | os.PathLike, config=None):
     if config is None:
         config = config_from_meta_state(meta)
     _set_sdpa(config)
-    model = SamModel(config)
+    try:
+        model = SamModel(config)
+    except ValueError as exc:  # transformers < 4.47: no SDPA for SAM, keep its default
+        if "scaled_dot_product_attention" not in str(exc):
+            raise
+        config._attn_implementation = "eager"
+        model = SamModel(config)
     hf = meta_to_hf_state_dict(meta)
     result = model.load_state_dict(hf, strict=False)
     missing = [k for k in result.missing_keys]
@@ -383,7 +389,13 @@ def load_sam_model(source: ModelSource, config=None):
             else:
                 source.tried.append("download from the Hugging Face Hub")
         try:
-            sam = SamModel.from_pretrained(location, **kwargs)
+            try:
+                sam = SamModel.from_pretrained(location, **kwargs)
+            except ValueError as exc:
+                # transformers < 4.47 has no SDPA for SAM and refuses the request: its default
+                if "scaled_dot_product_attention" not in str(exc):
+                    raise
+                sam = SamModel.from_pretrained(location)
         except (OSError, ValueError) as exc:
             if source.kind == "hf_dir":
                 raise ModelNotFoundError(
