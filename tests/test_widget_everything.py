@@ -64,6 +64,7 @@ def test_segment_everything_3d_range_links_slices(labeler, qtbot, blob_volume, t
     with qtbot.waitSignal(widget.everything_done, timeout=TIMEOUT) as blocker:
         widget.segment_everything()
     layer = blocker.args[0]
+    qtbot.waitUntil(lambda: widget.everything.worker is None, timeout=TIMEOUT)
     expected = api.segment_everything_volume(
         tiny_engine, api.Stack(blob_volume, mapping=widget.state.mappings[viewer.layers["img"].unique_id]),
         z_range=(1, 4), **TINY)

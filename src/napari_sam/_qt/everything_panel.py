@@ -147,7 +147,9 @@ class EverythingPanel(QGroupBox):
                 try:
                     p = next(steps)
                 except StopIteration as stop:
-                    return engine, used, stop.value
+                    result = stop.value
+                    # where the labels are, found here: the GUI thread only writes them
+                    return engine, used, result, np.nonzero(result.labels)
                 done = 0 if p.z is None else p.z - z_range[0]
                 frac = p.done / max(p.total, 1)
                 if p.stage == "linking":
@@ -157,10 +159,10 @@ class EverythingPanel(QGroupBox):
                 yield (f"Segment everything:{at} {text} {p.done}/{p.total}", done + frac, n)
 
         def returned(value):
-            engine, used, result = value
+            engine, used, result, filled = value
             state.use_engine(engine, requested)
             state.mappings[uid] = used
-            self._show(layer, result, where)
+            self._show(layer, result, filled, where)
 
         self._busy(True)
         self._progress = progress(total=0, desc=f"SAM: segment everything ({where})")
@@ -184,7 +186,7 @@ class EverythingPanel(QGroupBox):
             self._progress = None
         self._busy(False)
 
-    def _show(self, image, result, where: str) -> None:
+    def _show(self, image, result, filled, where: str) -> None:
         """A new labels layer above the image, filled as one undoable edit."""
         state = self.state
         layer = Labels(
@@ -202,7 +204,6 @@ class EverythingPanel(QGroupBox):
                 "stability": [np.nan] + [r.stability for r in result.records],
             })
         state.viewer.layers.insert(state.viewer.layers.index(image) + 1, layer)
-        filled = np.nonzero(result.labels)
         if filled[0].size:
             layer.data_setitem(filled, result.labels[filled])
         self.last_layer = layer
