@@ -439,3 +439,113 @@ def test_point_candidates_with_no_points_and_bad_points(tiny_engine, blob_image)
     with pytest.raises(ValueError, match="different model"):
         other = ImageEmbedding(emb.features, emb.original_size, emb.input_size, emb.spec, emb.mapping, "other")
         tiny_engine.point_candidates(other, [[3.0, 3.0]])
+
+
+# --- found by a fresh tester ----------------------------------------------------------------
+
+def test_nms_equals_the_all_pairs_reference_and_stays_linear_in_memory():
+    import tracemalloc
+
+    rng = np.random.default_rng(1)
+    r0, c0 = rng.integers(0, 80, 300), rng.integers(0, 80, 300)
+    boxes = np.stack([r0, c0, r0 + rng.integers(1, 30, 300), c0 + rng.integers(1, 30, 300)], axis=1)
+    scores = rng.random(300).round(2)  # ties too
+    order = np.argsort(-scores, kind="stable")
+    ious = ev.box_iou(boxes[order], boxes[order])
+    dead, reference = np.zeros(300, bool), []
+    for i in range(300):
+        if not dead[i]:
+            reference.append(order[i])
+            dead |= ious[i] > 0.5
+    assert ev.nms(boxes, scores, 0.5).tolist() == reference
+    # 40 000 candidates (a dense grid): an all-pairs matrix would be 12.8 GB
+    many = np.concatenate([np.tile([[0, 0, 10, 10]], (20000, 1)), np.arange(20000)[:, None] * 20 + [[0, 0, 5, 5]]])
+    tracemalloc.start()
+    keep = ev.nms(many, np.linspace(1, 0, len(many)), 0.7)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert keep[0] == 0 and len(keep) == 1 + 20000  # the first stacked copy, every spaced box
+    assert peak < 64 * 2**20, peak
+
+
+def test_params_reject_bools_and_accept_numpy_numbers():
+    with pytest.raises(ValueError, match="pred_iou_thresh"):
+        ev.EverythingParams(pred_iou_thresh=True)
+    with pytest.raises(ValueError, match="points_per_side"):
+        ev.EverythingParams(points_per_side=True)
+    with pytest.raises(ValueError, match="at most 1024"):
+        ev.EverythingParams(points_per_side=5000)
+    assert ev.EverythingParams(pred_iou_thresh=np.int64(1), stability_score_thresh=np.float16(0.5),
+                               points_per_side=np.int32(8)).points_per_side == 8
+
+
+def test_images_too_small_for_the_crops_are_refused_up_front():
+    params = ev.EverythingParams(crop_n_layers=2)
+    with pytest.raises(ValueError, match=r"crop_n_layers=2 cuts this 10x2000 image into crops of 1x\d+ pixels"):
+        params.check_image((10, 2000))
+    with pytest.raises(ValueError, match="at least 2x2"):
+        ev.EverythingParams().check_image((1, 1))
+    engine = StandInEngine()
+    with pytest.raises(ValueError, match="crop_n_layers=2"):
+        _run(engine, np.zeros((10, 2000), np.uint8), params)
+    assert engine.decoded_points == 0
+
+
+def test_volume_arguments_are_checked(blob_volume):
+    engine = StandInEngine()
+    stack = api.Stack(blob_volume)
+    for bad in [(0.5, 2.7), ("1", "3"), (True, 3), (1, 2, 3), (1,), "13"]:
+        with pytest.raises(TypeError, match="z_range must be two integers"):
+            api.segment_everything_volume(engine, stack, z_range=bad)
+    with pytest.raises(TypeError, match="must be a napari_sam.Stack"):
+        api.segment_everything_volume(engine, blob_volume)
+    result = api.segment_everything_volume(engine, stack, z_range=(np.int64(1), 2), points_per_side=4)
+    assert not result.labels[0].any()
+
+
+def test_cli_everything_refuses_bad_outputs_before_loading_the_model(blob_image, tmp_path, capsys):
+    import tifffile
+
+    from napari_sam.cli import main
+
+    image = tmp_path / "blobs.tif"
+    tifffile.imwrite(image, blob_image)
+    no_model = ["--model", str(tmp_path / "no-model")]  # loading it would fail with another message
+    (tmp_path / "adir").mkdir()
+    cases = [
+        (["-o", str(tmp_path / "same.tif"), "--table", str(tmp_path / "same.tif")], "give the table its own name"),
+        (["-o", str(tmp_path / "nodir" / "x.tif")], "does not exist"),
+        (["-o", str(tmp_path / "x.png")], "name it *.tif"),
+        (["-o", str(tmp_path / "adir.tif"), "--table", str(tmp_path / "adir")], "is a folder"),
+        (["-o", str(image), "--overwrite"], "is the input image"),
+        (["-o", str(tmp_path / "ok.tif"), "--table", str(tmp_path / "nodir" / "t.csv")], "does not exist"),
+    ]
+    for extra, message in cases:
+        code = main(["everything", str(image), *no_model, *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
+        assert not (tmp_path / "ok.tif").exists()
+    thin = tmp_path / "thin.tif"
+    tifffile.imwrite(thin, np.zeros((10, 2000), np.uint8))
+    assert main(["everything", str(thin), *no_model, "--crop-n-layers", "2", "-o", str(tmp_path / "t.tif")]) == 2
+    assert "use fewer crop layers" in capsys.readouterr().err
+    tiny = tmp_path / "tiny.tif"
+    tifffile.imwrite(tiny, np.zeros((1, 1), np.uint8))
+    assert main(["everything", str(tiny), *no_model, "-o", str(tmp_path / "t.tif")]) == 2
+    assert "at least 2x2" in capsys.readouterr().err
+
+
+def test_cli_everything_few_channels_are_one_image(tiny_sam_dir, tmp_path, capsys):
+    import tifffile
+
+    from napari_sam.cli import main
+
+    rng = np.random.default_rng(0)
+    image = tmp_path / "c5.tif"
+    tifffile.imwrite(image, rng.integers(0, 255, (64, 80, 5), dtype=np.uint8), photometric="minisblack",
+                     planarconfig="contig")
+    out = tmp_path / "c5_labels.tif"
+    code = main(["everything", str(image), *TINY_FLAGS, "--channel", "2", "--model", str(tiny_sam_dir),
+                 "--device", "cpu", "--no-cache", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert tifffile.imread(out).shape == (64, 80)

@@ -79,20 +79,22 @@ def test_segment_everything_3d_range_links_slices(labeler, qtbot, blob_volume, t
     assert one is not layer and one.data[2].any() and not np.delete(one.data, 2, axis=0).any()
 
 
+class SlowDecoder:
+    """The tiny engine with each decoder batch stretched in time."""
+
+    def __init__(self, engine, delay=0.2):
+        self._engine, self.delay = engine, delay
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def point_candidates(self, *args, **kwargs):
+        time.sleep(self.delay)
+        return self._engine.point_candidates(*args, **kwargs)
+
+
 def test_segment_everything_cancel_adds_nothing(labeler, qtbot, blob_image, tiny_engine):
     viewer, widget = labeler(blob_image)
-
-    class SlowDecoder:
-        def __init__(self, engine):
-            self._engine = engine
-
-        def __getattr__(self, name):
-            return getattr(self._engine, name)
-
-        def point_candidates(self, *args, **kwargs):
-            time.sleep(0.2)
-            return self._engine.point_candidates(*args, **kwargs)
-
     widget.set_engine(SlowDecoder(tiny_engine))
     panel = _set(widget, points=64)  # 64 batches of 64 prompts, 0.2 s each
     n_layers = len(viewer.layers)
@@ -104,3 +106,18 @@ def test_segment_everything_cancel_adds_nothing(labeler, qtbot, blob_image, tiny
     assert len(viewer.layers) == n_layers
     assert "stopped" in widget.status.text().lower()
     assert panel.run_button.isEnabled() and not panel.cancel_button.isEnabled()
+
+
+def test_image_removed_while_running_keeps_the_result(labeler, qtbot, blob_image, tiny_engine):
+    viewer, widget = labeler(blob_image, scale=(2.0, 3.0))
+    widget.set_engine(SlowDecoder(tiny_engine, delay=0.1))
+    _set(widget, points=16)  # 4 batches
+    image = viewer.layers["img"]
+    with qtbot.waitSignal(widget.everything_done, timeout=TIMEOUT) as blocker:
+        widget.segment_everything()
+        qtbot.wait(150)
+        viewer.layers.remove(image)
+    layer = blocker.args[0]
+    assert layer in viewer.layers and viewer.layers[-1] is layer
+    np.testing.assert_allclose(layer.scale, (2.0, 3.0))
+    assert layer.data.shape == blob_image.shape

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 import sys
 
 import numpy as np
@@ -35,10 +34,12 @@ def add_parser(sub, add_model_args, add_cache_args, add_intensity_args) -> None:
     p.add_argument("image", help="2D image or 3D stack: TIFF, PNG, JPEG, .npy or a zarr array folder")
     for flag, _field, kind, text in OPTIONS:
         p.add_argument(flag, type=kind, help=text)
-    p.add_argument("--slice-range", metavar="A:B", help="3D: only slices A to B-1 (Python range, e.g. 10:20)")
+    p.add_argument("--slice-range", metavar="A:B", help="3D: only slices A to B-1 (Python range, e.g. 10:20; "
+                   "write --slice-range=-5: for a negative start)")
     p.add_argument("--axis", type=int, default=0, help="stack axis (default 0: Z or T)")
     p.add_argument("--2d", dest="force_2d", action="store_true",
-                   help="treat a 3-D array as one multichannel 2D image (Y, X, C), not a stack")
+                   help="treat a 3-D array as one multichannel 2D image (Y, X, C), not a stack "
+                   "(the default for up to 16 channels)")
     add_intensity_args(p)
     add_model_args(p)
     add_cache_args(p)
@@ -57,8 +58,36 @@ def _is_stack(image, args) -> bool:
         return False
     if image.ndim == 4:
         return True
-    # (Y, X, C) with a few channels is an image; a longer last axis is a stack
-    return image.ndim == 3 and image.shape[-1] > 4
+    # (Y, X, C) with up to 16 channels is one image (as `segment` decides); more is a stack
+    return image.ndim == 3 and image.shape[-1] > 16
+
+
+def _check_outputs(args, user_error) -> None:
+    """Before anything loads: outputs that differ, are TIFF/CSV, are new (or --overwrite) and writable."""
+    import tempfile
+    from pathlib import Path
+
+    out = Path(args.output)
+    if out.suffix.lower() not in (".tif", ".tiff"):
+        raise user_error(f"-o {args.output}: the labels are written as TIFF; name it *.tif or *.tiff")
+    paths = [("-o", out)] + ([("--table", Path(args.table))] if args.table else [])
+    if args.table and Path(args.table).resolve() == out.resolve():
+        raise user_error(f"--table {args.table} is the labels output too; give the table its own name (*.csv)")
+    for flag, path in paths:
+        if path.resolve() == Path(args.image).resolve():
+            raise user_error(f"{flag} {path} is the input image; write the result elsewhere")
+        if path.is_dir():
+            raise user_error(f"{flag} {path} is a folder; give a file name")
+        if path.exists() and not args.overwrite:
+            raise user_error(f"{path} exists; pass --overwrite to replace it")
+        folder = path.parent
+        if not folder.is_dir():
+            raise user_error(f"{flag} {path}: the folder {folder} does not exist")
+        try:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as exc:
+            raise user_error(f"{flag} {path}: cannot write into {folder} ({exc.strerror or exc})") from None
 
 
 def write_table(path, records) -> None:
@@ -84,10 +113,10 @@ def cmd_everything(args, user_error, load_engine, open_cache, intensity, slices)
 
     from . import api
 
+    from .preprocess import check_image_2d
+
     params = _params(args)  # ValueError naming the option's field before anything loads
-    for target in (args.output, args.table):
-        if target and os.path.exists(target) and not args.overwrite:
-            raise user_error(f"{target} exists; pass --overwrite to replace it")
+    _check_outputs(args, user_error)
     image = api.open_volume(args.image)  # a stack is read slice by slice (memory-mapped TIFF/.npy, zarr)
     stack = None
     if not _is_stack(image, args):
@@ -96,9 +125,15 @@ def cmd_everything(args, user_error, load_engine, open_cache, intensity, slices)
         stack = api.Stack(image, axis=args.axis, **intensity)
         chosen = slices(args.slice_range, len(stack), "--slice-range") if args.slice_range else range(len(stack))
         z_range = (chosen.start, chosen.stop)
+        params.check_image(stack.slice_shape)
     else:
         if args.slice_range:
             raise user_error(f"--slice-range needs a 3D stack; {args.image} is 2D {image.shape}")
+        if image.ndim == 3 and args.force_2d and image.shape[-1] > 16:
+            raise user_error(f"--2d: {args.image} {image.shape} has {image.shape[-1]} values per pixel; "
+                             "a 2D image has at most 16 channels (drop --2d to segment it as a stack)")
+        check_image_2d(image)
+        params.check_image(image.shape[:2])  # too small, or crops under 2 pixels: said now, not after the model
         api.resolve_intensity(image, **intensity)  # --channel/--window checked before the model loads
     engine = load_engine(args)
     cache = open_cache(args)
@@ -112,25 +147,34 @@ def cmd_everything(args, user_error, load_engine, open_cache, intensity, slices)
               f"{image.shape} ...", file=sys.stderr)
         steps = api.segment_everything_volume_steps(engine, stack, z_range=z_range, params=params, cache=cache)
         bar = tqdm(total=n, unit="slice", desc="segment everything", file=sys.stderr)
-    while True:
-        try:
-            step = next(steps)
-        except StopIteration as stop:
-            result = stop.value
-            break
-        if stack is None and step.stage == "decoding":
-            bar.total = step.total
-            bar.n = step.done
-            bar.refresh()
-        elif step.stage == "linking":
-            bar.n = step.done
-            bar.refresh()
-        if step.stage != "linking":
-            bar.set_postfix_str(step.stage if step.z is None else f"slice {step.z}: {step.stage}")
-    bar.close()
-    api.write_labels_tiff(args.output, result.labels, overwrite=args.overwrite)
-    if args.table:
-        write_table(args.table, result.records)
-    print(f"{len(result.records)} objects; wrote {args.output} {result.labels.shape} {result.labels.dtype}"
+    try:
+        while True:
+            try:
+                step = next(steps)
+            except StopIteration as stop:
+                result = stop.value
+                break
+            if stack is None and step.stage == "decoding":
+                bar.total = step.total
+                bar.n = step.done
+                bar.refresh()
+            elif step.stage == "linking":
+                bar.n = step.done
+                bar.refresh()
+            if step.stage != "linking":
+                bar.set_postfix_str(step.stage if step.z is None else f"slice {step.z}: {step.stage}")
+    finally:
+        bar.close()
+    from ._fileio import storable_labels
+
+    for path, write in ((args.output, lambda: api.write_labels_tiff(args.output, result.labels, overwrite=args.overwrite)),
+                        (args.table, lambda: write_table(args.table, result.records))):
+        if path:
+            try:
+                write()
+            except OSError as exc:  # the folder changed since the check (full disk, permissions)
+                raise user_error(f"cannot write {path}: {exc.strerror or exc}") from None
+    stored = storable_labels(result.labels, args.output).dtype
+    print(f"{len(result.records)} objects; wrote {args.output} {result.labels.shape} {stored}"
           + (f" and {args.table}" if args.table else ""))
     return 0

@@ -99,16 +99,20 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     if len(boxes) != len(scores):
         raise ValueError(f"{len(boxes)} boxes but {len(scores)} scores")
     order = np.argsort(-scores, kind="stable")
-    if len(order) == 0:
-        return order.astype(np.int64)
-    ious = box_iou(boxes[order], boxes[order])
-    suppressed = np.zeros(len(order), bool)
+    b = boxes[order]
+    area = (b[:, 2] - b[:, 0]).clip(0) * (b[:, 3] - b[:, 1]).clip(0)
+    # One kept box against the boxes still alive: memory stays linear in the number of
+    # boxes (a dense grid gives tens of thousands of candidates; N x N would not fit).
+    alive = np.arange(len(order))
     keep = []
-    for i in range(len(order)):
-        if suppressed[i]:
-            continue
+    while alive.size:
+        i, rest = alive[0], alive[1:]
         keep.append(order[i])
-        suppressed |= ious[i] > iou_threshold
+        inter = ((np.minimum(b[i, 2], b[rest, 2]) - np.maximum(b[i, 0], b[rest, 0])).clip(0)
+                 * (np.minimum(b[i, 3], b[rest, 3]) - np.maximum(b[i, 1], b[rest, 1])).clip(0))
+        union = area[i] + area[rest] - inter
+        iou = np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+        alive = rest[iou <= iou_threshold]
     return np.asarray(keep, np.int64)
 
 

@@ -7,6 +7,8 @@ and the options are checked.
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 
 from . import everything as _everything
@@ -129,10 +131,20 @@ def segment_everything_volume_steps(
     params, intensity = _everything_params(params, options)
     if intensity:
         raise TypeError(f"{sorted(intensity)}: a Stack carries its own intensity mapping")
+    if not isinstance(stack, Stack):
+        raise TypeError(f"stack must be a napari_sam.Stack (Stack(data, axis=...)); got {type(stack).__name__}")
     n = len(stack)
-    a, b = (0, n) if z_range is None else (int(z_range[0]), int(z_range[1]))
-    if not 0 <= a < b <= n:
-        raise ValueError(f"z_range {z_range} must satisfy 0 <= start < stop <= {n} (stop is exclusive)")
+    a, b = 0, n
+    if z_range is not None:
+        try:
+            if isinstance(z_range, (str, bytes)) or len(z_range) != 2 or any(isinstance(v, bool) for v in z_range):
+                raise TypeError
+            a, b = operator.index(z_range[0]), operator.index(z_range[1])
+        except TypeError:
+            raise TypeError(f"z_range must be two integers (start, stop); got {z_range!r}") from None
+        if not 0 <= a < b <= n:
+            raise ValueError(f"z_range {tuple(z_range)} must satisfy 0 <= start < stop <= {n} (stop is exclusive)")
+    params.check_image(stack.slice_shape)
     stop = cancelled or (lambda: False)
     labels = np.zeros(stack.spatial_shape, np.uint32)
     records: dict[int, MaskRecord] = {}

@@ -31,6 +31,7 @@ exclusive ends.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 
@@ -41,6 +42,11 @@ from ._maskops import box_iou, crop_boxes, mask_box, nms, point_grid, remove_sma
 __all__ = ["EverythingParams", "EverythingProgress", "EverythingResult", "MaskRecord", "segment_steps",
            "link_slice", "merge_records", "paste", "point_grid", "crop_boxes", "stability_score", "mask_box",
            "box_iou", "nms", "remove_small_regions"]
+
+
+def _real(value) -> bool:
+    return (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+            and math.isfinite(value))
 
 
 @dataclass(frozen=True)
@@ -94,19 +100,34 @@ class EverythingParams:
                 "crop_n_points_downscale_factor": 1, "min_mask_region_area": 0}
         for name, low in ints.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+        if self.points_per_side > 1024:
+            raise ValueError(f"points_per_side must be at most 1024 (a million prompts); got {self.points_per_side}")
         unit = ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "crop_nms_thresh",
                 "crop_overlap_ratio", "link_iou")
         for name in unit:
             value = getattr(self, name)
-            if not isinstance(value, (int, float, np.floating)) or not math.isfinite(value) or not 0 <= value <= 1:
+            if not _real(value) or not 0 <= value <= 1:
                 raise ValueError(f"{name} must be a number between 0 and 1; got {value!r}")
         off = self.stability_score_offset
-        if not isinstance(off, (int, float, np.floating)) or not math.isfinite(off) or off <= 0:
+        if not _real(off) or off <= 0:
             raise ValueError(f"stability_score_offset must be a positive number; got {off!r}")
         if self.crop_n_layers > 4:
             raise ValueError(f"crop_n_layers must be at most 4 (256 crops in the deepest layer); got {self.crop_n_layers}")
+
+    def check_image(self, shape) -> None:
+        """Raise ValueError when an image of ``shape`` (H, W) cannot be segmented with these
+        parameters (too small, or cut by ``crop_n_layers`` into crops under 2 pixels)."""
+        h, w = int(shape[0]), int(shape[1])
+        if h < 2 or w < 2:
+            raise ValueError(f"the image is {h}x{w} pixels; segmenting needs at least 2x2")
+        crops, _ = crop_boxes((h, w), self.crop_n_layers, self.crop_overlap_ratio)
+        small = min(crops, key=lambda b: min(b[2] - b[0], b[3] - b[1]))
+        if min(small[2] - small[0], small[3] - small[1]) < 2:
+            raise ValueError(
+                f"crop_n_layers={self.crop_n_layers} cuts this {h}x{w} image into crops of "
+                f"{small[2] - small[0]}x{small[3] - small[1]} pixels; use fewer crop layers")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -165,18 +186,25 @@ class EverythingResult:
 _UPSAMPLE_BYTES = 256 * 2**20
 
 
-@dataclass
 class _Candidate:
-    box: tuple[int, int, int, int]  # in image pixels, exclusive ends
-    mask: np.ndarray  # bool, the box's extent
-    predicted_iou: float
-    stability: float
-    point: tuple[float, float]
-    crop: tuple[int, int, int, int]
+    """A kept mask: its box (image pixels, exclusive ends) and the mask over that box, bit-packed
+    (candidates are kept until the NMS; packed, a large image's thousands stay small)."""
+
+    __slots__ = ("box", "area", "predicted_iou", "stability", "point", "crop", "_bits", "_shape")
+
+    def __init__(self, box, mask, predicted_iou, stability, point, crop):
+        mask = np.asarray(mask, bool)
+        self.box = tuple(int(v) for v in box)
+        self._shape = mask.shape
+        self._bits = np.packbits(mask, axis=None)
+        self.area = int(np.count_nonzero(mask))
+        self.predicted_iou, self.stability = float(predicted_iou), float(stability)
+        self.point, self.crop = point, crop
 
     @property
-    def area(self) -> int:
-        return int(self.mask.sum())
+    def mask(self) -> np.ndarray:
+        n = self._shape[0] * self._shape[1]
+        return np.unpackbits(self._bits, count=n).reshape(self._shape).view(bool)
 
 
 def _near_inner_edge(box, crop, shape, atol: int = 20) -> bool:
@@ -222,7 +250,7 @@ def _decode_crop(engine, embedding, crop, shape, layer: int, params: EverythingP
                     continue
                 p = batch[int(which[s + j])]
                 found.append(_Candidate(
-                    box=full_box, mask=m[box[0]:box[2], box[1]:box[3]].copy(),
+                    box=full_box, mask=m[box[0]:box[2], box[1]:box[3]],
                     predicted_iou=float(scores[s + j]), stability=st,
                     point=(float(p[0]) + r0, float(p[1]) + c0), crop=tuple(crop),
                 ))
@@ -251,7 +279,7 @@ def _postprocess(cands: list[_Candidate], area: int, nms_thresh: float) -> list[
             continue
         out.append(_Candidate(
             box=(c.box[0] + box[0], c.box[1] + box[1], c.box[0] + box[2], c.box[1] + box[3]),
-            mask=m[box[0]:box[2], box[1]:box[3]].copy(), predicted_iou=c.predicted_iou,
+            mask=m[box[0]:box[2], box[1]:box[3]], predicted_iou=c.predicted_iou,
             stability=c.stability, point=c.point, crop=c.crop,
         ))
         unchanged.append(0.0 if (changed_h or changed_i) else 1.0)
@@ -321,6 +349,7 @@ def segment_steps(
     """
     params = params or EverythingParams()
     h, w = int(shape[0]), int(shape[1])
+    params.check_image((h, w))
     crops, layers = crop_boxes((h, w), params.crop_n_layers, params.crop_overlap_ratio)
     per_crop = [max(1, int(params.points_per_side / (params.crop_n_points_downscale_factor ** k))) ** 2
                 for k in layers]

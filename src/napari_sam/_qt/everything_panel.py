@@ -203,7 +203,9 @@ class EverythingPanel(QGroupBox):
                 "predicted_iou": [np.nan] + [r.predicted_iou for r in result.records],
                 "stability": [np.nan] + [r.stability for r in result.records],
             })
-        state.viewer.layers.insert(state.viewer.layers.index(image) + 1, layer)
+        layers = state.viewer.layers
+        # above the image; at the top when the image was removed meanwhile (the result is kept)
+        layers.insert(layers.index(image) + 1 if image in layers else len(layers), layer)
         if filled[0].size:
             layer.data_setitem(filled, result.labels[filled])
         self.last_layer = layer
