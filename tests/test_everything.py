@@ -481,7 +481,7 @@ def test_params_reject_bools_and_accept_numpy_numbers():
 
 def test_images_too_small_for_the_crops_are_refused_up_front():
     params = ev.EverythingParams(crop_n_layers=2)
-    with pytest.raises(ValueError, match=r"crop_n_layers=2 cuts this 10x2000 image into crops of 1x\d+ pixels"):
+    with pytest.raises(ValueError, match=r"crop_n_layers=2 cuts this 10x2000 image into crops under 2 pixels"):
         params.check_image((10, 2000))
     with pytest.raises(ValueError, match="at least 2x2"):
         ev.EverythingParams().check_image((1, 1))
@@ -494,7 +494,7 @@ def test_images_too_small_for_the_crops_are_refused_up_front():
 def test_volume_arguments_are_checked(blob_volume):
     engine = StandInEngine()
     stack = api.Stack(blob_volume)
-    for bad in [(0.5, 2.7), ("1", "3"), (True, 3), (1, 2, 3), (1,), "13"]:
+    for bad in [(0.5, 2.7), ("1", "3"), (True, 3), (1, 2, 3), (1,), "13", {1: 0, 3: 0}]:
         with pytest.raises(TypeError, match="z_range must be two integers"):
             api.segment_everything_volume(engine, stack, z_range=bad)
     with pytest.raises(TypeError, match="must be a napari_sam.Stack"):
@@ -511,13 +511,17 @@ def test_cli_everything_refuses_bad_outputs_before_loading_the_model(blob_image,
     image = tmp_path / "blobs.tif"
     tifffile.imwrite(image, blob_image)
     no_model = ["--model", str(tmp_path / "no-model")]  # loading it would fail with another message
-    (tmp_path / "adir").mkdir()
+    (tmp_path / "adir.tif").mkdir()
     cases = [
         (["-o", str(tmp_path / "same.tif"), "--table", str(tmp_path / "same.tif")], "give the table its own name"),
         (["-o", str(tmp_path / "nodir" / "x.tif")], "does not exist"),
         (["-o", str(tmp_path / "x.png")], "name it *.tif"),
-        (["-o", str(tmp_path / "adir.tif"), "--table", str(tmp_path / "adir")], "is a folder"),
+        (["-o", str(tmp_path / "adir.tif")], "is a folder"),
         (["-o", str(image), "--overwrite"], "is the input image"),
+        (["-o", str(tmp_path / "ok.tif"), "--table", str(tmp_path / "t.tif")], "name it *.csv"),
+        (["-o", str(image / "x.tif")], "is not a folder"),
+        (["-o", str(tmp_path / "ok.tif"), "--axis", "1"], "is 2D"),
+        (["-o", str(tmp_path / "ok.tif"), "--axis", "0", "--2d"], "give one of them"),
         (["-o", str(tmp_path / "ok.tif"), "--table", str(tmp_path / "nodir" / "t.csv")], "does not exist"),
     ]
     for extra, message in cases:
@@ -549,3 +553,19 @@ def test_cli_everything_few_channels_are_one_image(tiny_sam_dir, tmp_path, capsy
                  "--device", "cpu", "--no-cache", "-o", str(out)])
     assert code == 0, capsys.readouterr().err
     assert tifffile.imread(out).shape == (64, 80)
+
+
+def test_cli_everything_axis_reads_a_stack(tiny_sam_dir, tmp_path):
+    import tifffile
+
+    from napari_sam.cli import main
+
+    rng = np.random.default_rng(0)
+    image = tmp_path / "c5.tif"
+    tifffile.imwrite(image, rng.integers(0, 255, (64, 80, 5), dtype=np.uint8), photometric="minisblack")
+    out = tmp_path / "c5_stack.tif"
+    code = main(["everything", str(image), *TINY_FLAGS, "--axis", "2", "--slice-range", "0:2",
+                 "--model", str(tiny_sam_dir), "--device", "cpu", "--no-cache", "-o", str(out)])
+    assert code == 0
+    labels = tifffile.imread(out)
+    assert labels.shape == (64, 80, 5) and labels[..., :2].any() and not labels[..., 2:].any()

@@ -121,3 +121,13 @@ def test_image_removed_while_running_keeps_the_result(labeler, qtbot, blob_image
     assert layer in viewer.layers and viewer.layers[-1] is layer
     np.testing.assert_allclose(layer.scale, (2.0, 3.0))
     assert layer.data.shape == blob_image.shape
+
+
+def test_slice_on_screen_needs_a_row_column_view(labeler, qtbot, blob_volume, tiny_engine):
+    viewer, widget = labeler(blob_volume)
+    widget.set_engine(tiny_engine)
+    _set(widget)
+    n_layers = len(viewer.layers)
+    viewer.dims.order = (1, 0, 2)  # napari shows another plane: "the slice on screen" is not a SAM slice
+    widget.segment_everything()
+    assert widget.everything.worker is None and len(viewer.layers) == n_layers

@@ -36,7 +36,7 @@ def add_parser(sub, add_model_args, add_cache_args, add_intensity_args) -> None:
         p.add_argument(flag, type=kind, help=text)
     p.add_argument("--slice-range", metavar="A:B", help="3D: only slices A to B-1 (Python range, e.g. 10:20; "
                    "write --slice-range=-5: for a negative start)")
-    p.add_argument("--axis", type=int, default=0, help="stack axis (default 0: Z or T)")
+    p.add_argument("--axis", type=int, help="stack axis (default 0: Z or T); giving it reads the file as a stack")
     p.add_argument("--2d", dest="force_2d", action="store_true",
                    help="treat a 3-D array as one multichannel 2D image (Y, X, C), not a stack "
                    "(the default for up to 16 channels)")
@@ -56,6 +56,8 @@ def _params(args) -> EverythingParams:
 def _is_stack(image, args) -> bool:
     if args.force_2d:
         return False
+    if args.axis is not None:  # asked for a stack axis: a stack
+        return True
     if image.ndim == 4:
         return True
     # (Y, X, C) with up to 16 channels is one image (as `segment` decides); more is a stack
@@ -70,9 +72,13 @@ def _check_outputs(args, user_error) -> None:
     out = Path(args.output)
     if out.suffix.lower() not in (".tif", ".tiff"):
         raise user_error(f"-o {args.output}: the labels are written as TIFF; name it *.tif or *.tiff")
-    paths = [("-o", out)] + ([("--table", Path(args.table))] if args.table else [])
+    if args.axis is not None and args.force_2d:
+        raise user_error("--axis reads the file as a stack and --2d as one image; give one of them")
     if args.table and Path(args.table).resolve() == out.resolve():
         raise user_error(f"--table {args.table} is the labels output too; give the table its own name (*.csv)")
+    if args.table is not None and Path(args.table).suffix.lower() != ".csv":
+        raise user_error(f"--table {args.table!r}: the table is CSV; name it *.csv")
+    paths = [("-o", out)] + ([("--table", Path(args.table))] if args.table else [])
     for flag, path in paths:
         if path.resolve() == Path(args.image).resolve():
             raise user_error(f"{flag} {path} is the input image; write the result elsewhere")
@@ -81,6 +87,8 @@ def _check_outputs(args, user_error) -> None:
         if path.exists() and not args.overwrite:
             raise user_error(f"{path} exists; pass --overwrite to replace it")
         folder = path.parent
+        if folder.exists() and not folder.is_dir():
+            raise user_error(f"{flag} {path}: {folder} is not a folder")
         if not folder.is_dir():
             raise user_error(f"{flag} {path}: the folder {folder} does not exist")
         try:
@@ -122,7 +130,9 @@ def cmd_everything(args, user_error, load_engine, open_cache, intensity, slices)
     if not _is_stack(image, args):
         image = np.asarray(image)
     if _is_stack(image, args):
-        stack = api.Stack(image, axis=args.axis, **intensity)
+        if image.ndim < 3:
+            raise user_error(f"--axis {args.axis}: {args.image} is 2D {image.shape}, not a stack")
+        stack = api.Stack(image, axis=args.axis or 0, **intensity)
         chosen = slices(args.slice_range, len(stack), "--slice-range") if args.slice_range else range(len(stack))
         z_range = (chosen.start, chosen.stop)
         params.check_image(stack.slice_shape)

@@ -137,7 +137,8 @@ def segment_everything_volume_steps(
     a, b = 0, n
     if z_range is not None:
         try:
-            if isinstance(z_range, (str, bytes)) or len(z_range) != 2 or any(isinstance(v, bool) for v in z_range):
+            if (not isinstance(z_range, (tuple, list, range, np.ndarray)) or len(z_range) != 2
+                    or any(isinstance(v, (bool, np.bool_)) for v in z_range)):
                 raise TypeError
             a, b = operator.index(z_range[0]), operator.index(z_range[1])
         except TypeError:

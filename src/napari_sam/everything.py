@@ -126,8 +126,8 @@ class EverythingParams:
         small = min(crops, key=lambda b: min(b[2] - b[0], b[3] - b[1]))
         if min(small[2] - small[0], small[3] - small[1]) < 2:
             raise ValueError(
-                f"crop_n_layers={self.crop_n_layers} cuts this {h}x{w} image into crops of "
-                f"{small[2] - small[0]}x{small[3] - small[1]} pixels; use fewer crop layers")
+                f"crop_n_layers={self.crop_n_layers} cuts this {h}x{w} image into crops under 2 pixels "
+                f"wide; use fewer crop layers")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

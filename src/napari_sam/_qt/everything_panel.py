@@ -117,6 +117,10 @@ class EverythingPanel(QGroupBox):
                     show_warning(f"SAM Labeler: slice range {lo} to {hi} is empty.")
                     return
             else:
+                problem = state.view_problem(layer)  # "the slice on screen" must be a (row, col) slice
+                if problem:
+                    show_warning(f"{problem} (or tick 'All slices of the 3D range')")
+                    return
                 lo = hi = state.current_slice(layer)
             z_range = (lo, hi + 1)
             where = f"slice {lo}" if lo == hi else f"slices {lo}-{hi}"
