@@ -218,11 +218,16 @@ def _near_inner_edge(box, crop, shape, atol: int = 20) -> bool:
     return bool(np.any(near_crop & ~near_image))
 
 
+def _side(params: EverythingParams, layer: int) -> int:
+    """Grid points per side in crop layer ``layer`` (Meta's downscaling per layer)."""
+    return max(1, int(params.points_per_side / (params.crop_n_points_downscale_factor ** layer)))
+
+
 def _decode_crop(engine, embedding, crop, shape, layer: int, params: EverythingParams, cancelled):
     """Candidates from one crop's grid; a generator of decoded-batch counts."""
     r0, c0, r1, c1 = crop
     ch, cw = r1 - r0, c1 - c0
-    n_side = max(1, int(params.points_per_side / (params.crop_n_points_downscale_factor ** layer)))
+    n_side = _side(params, layer)
     # Meta scales the unit grid by the crop size (no half-pixel shift): same prompts, same masks.
     points = point_grid(n_side) * np.array([ch, cw])
     whole = crop == (0, 0, shape[0], shape[1])
@@ -351,8 +356,7 @@ def segment_steps(
     h, w = int(shape[0]), int(shape[1])
     params.check_image((h, w))
     crops, layers = crop_boxes((h, w), params.crop_n_layers, params.crop_overlap_ratio)
-    per_crop = [max(1, int(params.points_per_side / (params.crop_n_points_downscale_factor ** k))) ** 2
-                for k in layers]
+    per_crop = [_side(params, k) ** 2 for k in layers]
     total_batches = sum(math.ceil(n / params.points_per_batch) for n in per_crop)
     done = 0
     all_cands: list[_Candidate] = []
