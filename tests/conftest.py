@@ -18,6 +18,14 @@ os.environ.pop("NAPARI_SAM_MODEL", None)
 TINY_IMAGE_SIZE = 256
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_encoder_folder(tmp_path_factory):
+    """Exported OpenVINO encoders go to one folder for the session, never the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NAPARI_SAM_ENCODERS", str(tmp_path_factory.mktemp("sam_encoders")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _private_embedding_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own embedding cache folder, never the user's."""
@@ -126,7 +134,17 @@ def tiny_sam_dir(tmp_path_factory):
 def tiny_engine(tiny_sam_dir):
     import napari_sam
 
-    return napari_sam.load_model(tiny_sam_dir, device="cpu", dtype="fp32")
+    # The choices users get (OpenVINO when installed, bf16 where the CPU has it): the CLI,
+    # the widget and the servers load the same, so their outputs compare exactly.
+    return napari_sam.load_model(tiny_sam_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def torch_engine(tiny_sam_dir):
+    """The tiny model in torch at fp32: for comparisons with transformers itself."""
+    import napari_sam
+
+    return napari_sam.load_model(tiny_sam_dir, device="cpu", dtype="fp32", backend="torch")
 
 
 @pytest.fixture
@@ -152,8 +170,7 @@ def labeler(make_napari_viewer, tiny_sam_dir, qtbot):
         _dock, widget = viewer.window.add_plugin_dock_widget("napari-sam-labeler")
         assert isinstance(widget, SamLabelerWidget)
         widget.model.model_edit.setText(str(tiny_sam_dir))
-        widget.model.device_combo.setCurrentText("cpu")
-        widget.model.dtype_combo.setCurrentText("fp32")
+        widget.model.device_combo.setCurrentText("cpu")  # encoder and dtype stay "auto", as users get them
         return viewer, widget
 
     yield make

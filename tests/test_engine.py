@@ -260,7 +260,11 @@ def test_device_and_dtype_choices(tiny_sam_dir, blob_image):
         "mps" if torch.backends.mps.is_available() else "cpu")
     assert auto.type == expected
     cpu = torch.device("cpu")
-    assert resolve_dtype("auto", cpu) == torch.float32
+    from napari_sam.backends import cpu_has_native_bf16
+
+    # "auto" never picks an emulated precision
+    assert resolve_dtype("auto", cpu) == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    assert resolve_dtype("fp32", cpu) == torch.float32
     assert resolve_dtype("bf16", cpu) == torch.bfloat16
     with pytest.raises(ValueError, match="fp16"):
         resolve_dtype("fp16", cpu)
@@ -271,7 +275,7 @@ def test_device_and_dtype_choices(tiny_sam_dir, blob_image):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda")
-    engine = napari_sam.load_model(tiny_sam_dir, device="cpu", dtype="bf16")
+    engine = napari_sam.load_model(tiny_sam_dir, device="cpu", dtype="bf16", backend="torch")
     assert next(engine.model.parameters()).dtype == torch.bfloat16
     pred = engine.predict(engine.embed(blob_image), points=[[60, 70]], multimask=True)
     assert pred.masks.shape == (3, *blob_image.shape) and pred.scores.dtype == np.float32
@@ -356,7 +360,8 @@ def test_embed_accepts_dtypes_and_channels(tiny_engine, blob_image, dtype):
         assert pred.masks.shape == (1, *blob_image.shape)
 
 
-def test_stepwise_encoder_equals_transformers_and_reports_progress(tiny_engine, tiny_pair, blob_image):
+def test_stepwise_encoder_equals_transformers_and_reports_progress(torch_engine, tiny_pair, blob_image):
+    tiny_engine = torch_engine
     model, _ = tiny_pair
     rgb = np.repeat(blob_image[..., None], 3, axis=-1)
     steps = tiny_engine.embed_steps(blob_image)

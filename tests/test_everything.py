@@ -144,6 +144,7 @@ class StandInEngine:
 
     model_id = "stand-in"
     dtype = torch.float32
+    precision = "fp32"
 
     def __init__(self):
         self.decoded_points = 0

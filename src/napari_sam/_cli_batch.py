@@ -51,7 +51,7 @@ def settings(args):
         from .api import EmbeddingCache
 
         cache = str(EmbeddingCache().directory)  # the workers get this machine's default folder by name
-    return ModelSettings(model=model, device=args.device, dtype=args.dtype, cache=cache)
+    return ModelSettings(model=model, device=args.device, dtype=args.dtype, backend=args.backend, cache=cache)
 
 
 def _source(args):

@@ -37,7 +37,7 @@ from .volume import Stack, StackProgress, embed_cached, embed_cached_steps
 __all__ = [
     # models
     "DEFAULT_MODEL", "MODEL_ENV", "ModelNotFoundError", "SamEngine", "load_model", "model_status",
-    "ModelStatus", "resolve_device_dtype", "resolve_intensity",
+    "ModelStatus", "resolve_device_dtype", "resolve_runtime", "resolve_intensity",
     # embeddings and the persistent cache
     "EmbeddingCache", "CacheStats", "embed_cached", "embed_cached_steps", "embedding_key",
     # labels kept safe as they are committed
@@ -67,10 +67,24 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[str
 
     Returns names such as ``("cpu", "float32")`` or ``("cuda", "bfloat16")``.
     """
-    from .engine import resolve_device, resolve_dtype
+    from .backends import torch_dtype
+
+    dev, _, precision = resolve_runtime(device, dtype, "torch")
+    return dev, str(torch_dtype(precision)).replace("torch.", "")
+
+
+def resolve_runtime(device: str = "auto", dtype: str = "auto", backend: str = "auto") -> tuple[str, str, str]:
+    """The device, encoder backend and precision :func:`load_model` would use (imports torch).
+
+    Returns names such as ``("cpu", "openvino", "bf16")`` or ``("cuda", "torch", "bf16")``;
+    raises ValueError for a choice this machine cannot run.
+    """
+    from .backends import resolve_backend, resolve_precision
+    from .engine import resolve_device
 
     dev = resolve_device(device)
-    return str(dev), str(resolve_dtype(dtype, dev)).replace("torch.", "")
+    kind = resolve_backend(backend, dev)
+    return str(dev), kind, resolve_precision(dtype, kind, dev)
 
 
 @dataclass

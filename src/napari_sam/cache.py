@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .backends import CACHE_NAMES
 from ._types import ImageEmbedding, IntensityMapping, ModelInputSpec
 
 CACHE_ENV = "NAPARI_SAM_CACHE"
@@ -73,8 +74,9 @@ def slice_key(image: np.ndarray, model_key: str, mapping: IntensityMapping) -> s
 
 
 def engine_cache_key(engine) -> str:
-    """Model identity for cache keys: weights fingerprint, input convention and dtype."""
-    return f"{engine.model_id}|{str(engine.dtype).replace('torch.', '')}"
+    """Model identity for cache keys: weights fingerprint, input convention and the
+    encoder's precision (fp32 from torch and from OpenVINO agree to 1e-6 and share keys)."""
+    return f"{engine.model_id}|{CACHE_NAMES[engine.precision]}"
 
 
 @dataclass

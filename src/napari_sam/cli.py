@@ -55,7 +55,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="Hugging Face id, save_pretrained folder or Meta .pth "
                    "(default: $NAPARI_SAM_MODEL, else facebook/sam-vit-large)")
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA with bf16, else fp32), fp32, bf16, fp16")
+    p.add_argument("--dtype", default="auto",
+                   help="encoder precision: auto (bf16 on CUDA and on CPUs with bf16 instructions, else fp32), "
+                   "fp32, bf16, fp16 (CUDA/MPS), int8, int8-weights (OpenVINO); docs/performance.md")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino"],
+                   help="where the image encoder runs: auto (OpenVINO on CPU when installed, else torch)")
 
 
 def _add_intensity_args(p: argparse.ArgumentParser) -> None:
@@ -138,12 +142,25 @@ def build_parser() -> argparse.ArgumentParser:
     _cli_batch.add_parser(sub, _add_model_args, _add_cache_args, _add_intensity_args, _point, _box)
     _cli_everything.add_parser(sub, _add_model_args, _add_cache_args, _add_intensity_args)
 
+    bench = sub.add_parser("bench", help="measure encoder backends/precisions, click→mask and reopen on this "
+                           "machine against plain SamModel fp32 (docs/performance.md)")
+    bench.add_argument("--model", help="model to measure (default as for `info`)")
+    bench.add_argument("--random", choices=["vit_b", "vit_l", "vit_h"],
+                       help="measure randomly initialised weights of this size instead (nothing is downloaded)")
+    bench.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    bench.add_argument("--repeats", type=int, default=1, help="timed runs per measurement (the best is kept)")
+    bench.add_argument("--slices", type=int, default=100, help="slices of the cached stack that is reopened")
+    bench.add_argument("--quick", action="store_true", help="skip full int8 (its calibration takes minutes)")
+    bench.add_argument("-o", "--output", metavar="JSON", help="also write the record to this file")
+
     cache = sub.add_parser("cache", help="inspect or clear the embedding cache")
     cache.add_argument("action", choices=["info", "clear"])
     cache.add_argument("--cache", metavar="DIR", help="cache folder (default: $NAPARI_SAM_CACHE or the user cache)")
 
     info = sub.add_parser("info", help="print versions, device and where the model resolves to")
     info.add_argument("--model", help="model to resolve (default: $NAPARI_SAM_MODEL, else facebook/sam-vit-large)")
+    for name in ("--device", "--dtype", "--backend"):
+        info.add_argument(name, default="auto", help="the choice to resolve (default auto)")
 
     demo = sub.add_parser("demo", help="start napari with the SAM Labeler and a sample image")
     demo.add_argument("--model", help="model for the session (default as for `info`)")
@@ -161,7 +178,8 @@ def _load_engine(args):
 
     quiet_transformers()
     print(f"loading model {args.model or os.environ.get('NAPARI_SAM_MODEL') or '(default)'} ...", file=sys.stderr)
-    return load_model(args.model, device=args.device, dtype=args.dtype)
+    return load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
+                      on_progress=lambda message: print(message, file=sys.stderr, flush=True))
 
 
 def _intensity(args) -> dict:
@@ -284,8 +302,18 @@ def cmd_info(args) -> int:
         mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
         cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no"
         print(f"torch {torch.__version__} (CUDA: {cuda}, MPS: {'yes' if mps else 'no'})")
-        dev, dtype = api.resolve_device_dtype("auto", "auto")
-        print(f"device (auto): {dev}, dtype (auto): {dtype}")
+        try:
+            import openvino
+
+            print(f"openvino {openvino.get_version()}")
+        except ImportError:
+            print("openvino: not installed (pip install 'napari-sam-labeler[openvino]' for a faster CPU encoder)")
+        try:
+            dev, backend, precision = api.resolve_runtime(args.device, args.dtype, args.backend)
+            print(f"device: {dev}, backend: {backend}, dtype: {precision} (from --device {args.device}, "
+                  f"--backend {args.backend}, --dtype {args.dtype})")
+        except ValueError as exc:
+            print(f"device/backend/dtype: {exc}")
     except ImportError as exc:
         print(f"torch: not importable ({exc})")
     try:
@@ -363,6 +391,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 {k: v for k, v in _intensity(args).items() if v is not None}, _slices)
         if args.command == "batch":
             return _cli_batch.cmd_batch(args, {k: v for k, v in _intensity(args).items() if v is not None})
+        if args.command == "bench":
+            from . import bench
+
+            if args.repeats < 1 or args.slices < 1:
+                raise UserError("bench: --repeats and --slices must be at least 1")
+            return bench.main(args)
         if args.command in _cli_serving.COMMANDS:
             return _cli_serving.COMMANDS[args.command](args, _load_engine, _open_cache)
         return COMMANDS[args.command](args)

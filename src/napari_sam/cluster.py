@@ -16,7 +16,7 @@ from typing import Any
 from ._modelstack import quiet_transformers
 from .api import EmbeddingCache, load_model
 
-# per process: (model, device, dtype) -> engine; directory -> cache
+# per process: (model, device, dtype, backend) -> engine; directory -> cache
 _ENGINES: dict[tuple, Any] = {}
 _CACHES: dict[str, EmbeddingCache] = {}
 
@@ -28,15 +28,17 @@ class ModelSettings:
     model: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    backend: str = "auto"
     cache: str | None = None  # folder; None = the default cache; "" = no cache
 
 
 def worker_engine(settings: ModelSettings):
     """The engine for ``settings``, loaded once per process."""
-    key = (settings.model, settings.device, settings.dtype)
+    key = (settings.model, settings.device, settings.dtype, settings.backend)
     if key not in _ENGINES:
         quiet_transformers(errors_only=False)  # its bar would break into the batch's own
-        _ENGINES[key] = load_model(settings.model, device=settings.device, dtype=settings.dtype)
+        _ENGINES[key] = load_model(settings.model, device=settings.device, dtype=settings.dtype,
+                                   backend=settings.backend)
     return _ENGINES[key]
 
 

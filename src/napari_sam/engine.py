@@ -22,6 +22,7 @@ import numpy as np
 from . import preprocess as pp
 from ._modelstack import guard_triton
 from ._types import ImageEmbedding, IntensityMapping, ModelInputSpec, Prediction, Prompt
+from .backends import TorchEncoder, resolve_backend, resolve_precision, torch_dtype
 from .checkpoints import ModelSource, load_sam_model, resolve_model_source, spec_from_source
 
 
@@ -60,34 +61,11 @@ def resolve_device(device: str | Any = "auto"):
     raise ValueError(f"device={device!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
 
 
-_DTYPE_NAMES = {
-    "fp32": "float32", "float32": "float32", "float": "float32",
-    "bf16": "bfloat16", "bfloat16": "bfloat16",
-    "fp16": "float16", "float16": "float16", "half": "float16",
-}
+def resolve_dtype(dtype: str | Any, device, backend: str = "torch") -> Any:
+    """The torch dtype the model runs in for ``dtype`` on ``device`` (see
+    :func:`napari_sam.backends.resolve_precision`; "auto" never picks an emulated path)."""
+    return torch_dtype(resolve_precision(dtype, backend, device))
 
-
-def resolve_dtype(dtype: str | Any, device) -> Any:
-    """``"auto"`` → bf16 on CUDA with bf16 support, else fp32. fp16 needs CUDA or MPS."""
-    import torch
-
-    if isinstance(dtype, torch.dtype):
-        name = str(dtype).replace("torch.", "")
-    else:
-        name = str(dtype).lower() if dtype is not None else "auto"
-    if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    if name not in _DTYPE_NAMES:
-        raise ValueError(f"dtype={dtype!r} is not one of 'auto', 'fp32', 'bf16', 'fp16'")
-    resolved = getattr(torch, _DTYPE_NAMES[name])
-    if resolved == torch.float16 and device.type not in ("cuda", "mps"):
-        raise ValueError(
-            "dtype='fp16' needs a CUDA or MPS device (CPU half precision is slow and "
-            "inaccurate); use 'fp32' or 'bf16' on CPU"
-        )
-    return resolved
 
 def _weights_fingerprint(model) -> str:
     """A stable identity of the weights: names, shapes and a sample of every tensor.
@@ -114,6 +92,8 @@ def load_model(
     dtype: str = "auto",
     preprocessing: str | ModelInputSpec | None = None,
     config=None,
+    backend: str = "auto",
+    on_progress=None,
 ) -> "SamEngine":
     """Load a SAM model and return a ready :class:`SamEngine`.
 
@@ -126,12 +106,21 @@ def load_model(
         ``facebook/sam-vit-large``.
     device : {"auto", "cpu", "cuda", "cuda:N", "mps"}
         ``"auto"`` picks CUDA, else MPS, else CPU.
-    dtype : {"auto", "fp32", "bf16", "fp16"}
-        ``"auto"`` is bf16 on CUDA devices that support it, else fp32.
+    dtype : {"auto", "fp32", "bf16", "fp16", "int8", "int8-weights"}
+        The image encoder's precision. ``"auto"`` is bf16 on CUDA devices and CPUs that
+        have bf16 instructions (AVX512-BF16/AMX), else fp32; never an emulated path.
+        int8 needs the OpenVINO backend (docs/performance.md: speed and accuracy of each).
     preprocessing : {"sam", "medsam"} or ModelInputSpec, optional
         Override the input convention; by default MedSAM is recognised by name.
     config : transformers.SamConfig, optional
         Architecture for a Meta checkpoint whose shape cannot be inferred (decoder heads).
+    backend : {"auto", "torch", "openvino"}
+        Where the image encoder runs. ``"auto"`` is OpenVINO on CPU when it is installed
+        (the ``openvino`` extra), else torch. OpenVINO exports the encoder once per model
+        and precision into ``$NAPARI_SAM_ENCODERS`` (a minute for ViT-L; int8 calibration
+        a few more).
+    on_progress : callable(str), optional
+        Called with a message for slow one-time steps (exporting the encoder).
 
     Raises
     ------
@@ -140,14 +129,23 @@ def load_model(
         provide them.
     """
     dev = resolve_device(device)  # first: guards triton before any torch import
-    dt = resolve_dtype(dtype, dev)
+    kind = resolve_backend(backend, dev)
+    precision = resolve_precision(dtype, kind, dev)
     source = resolve_model_source(model)
     sam = load_sam_model(source, config=config)
     sam.eval()
     fingerprint = _weights_fingerprint(sam)
     spec = spec_from_source(source, sam, preprocessing)
+    encoder = None
+    if kind == "openvino":
+        from .backends import drop_torch_encoder, openvino_encoder
+
+        encoder = openvino_encoder(sam, fingerprint=fingerprint, precision=precision, spec=spec, say=on_progress)
+        drop_torch_encoder(sam)
+    dt = torch_dtype(precision)
     sam.to(device=dev, dtype=dt)
-    return SamEngine(sam, device=dev, dtype=dt, spec=spec, source=source, fingerprint=fingerprint)
+    return SamEngine(sam, device=dev, dtype=dt, spec=spec, source=source, fingerprint=fingerprint,
+                     encoder=encoder, precision=precision)
 
 
 def drain(steps):
@@ -217,10 +215,13 @@ class SamEngine:
     engine serves many images.
     """
 
-    def __init__(self, model, *, device, dtype, spec: ModelInputSpec, source: ModelSource, fingerprint: str):
+    def __init__(self, model, *, device, dtype, spec: ModelInputSpec, source: ModelSource, fingerprint: str,
+                 encoder=None, precision: str | None = None):
         self.model = model
         self.device = device
-        self.dtype = dtype
+        self.dtype = dtype  # the torch model's (the decoder's, and the encoder's on torch)
+        self.encoder = encoder if encoder is not None else TorchEncoder(model, device, dtype)
+        self.precision = precision or {"bfloat16": "bf16", "float16": "fp16"}.get(str(dtype)[6:], "fp32")
         self.spec = spec
         self.source = source
         self.fingerprint = fingerprint
@@ -233,41 +234,29 @@ class SamEngine:
         """Weights fingerprint plus input convention: what an embedding depends on."""
         return hashlib.sha256(f"{self.fingerprint}|{self.spec.key()}".encode()).hexdigest()[:32]
 
+    @property
+    def backend(self) -> str:
+        """Where the image encoder runs: ``"torch"`` or ``"openvino"``."""
+        return self.encoder.name
+
     def __repr__(self) -> str:
         return (
-            f"SamEngine({self.source.describe()}, device={self.device}, "
-            f"dtype={str(self.dtype).replace('torch.', '')}, preprocessing={self.spec.kind})"
+            f"SamEngine({self.source.describe()}, device={self.device}, backend={self.backend}, "
+            f"dtype={self.precision}, preprocessing={self.spec.kind})"
         )
 
     # --- encoding ---------------------------------------------------------------------
 
     def encode_steps(self, images: Sequence[np.ndarray]):
-        """Run the image encoder on uint8 RGB images, one transformer block at a time.
+        """Run the image encoder on uint8 RGB images.
 
-        A generator: it yields ``(done, total)`` after the patch embedding and after each
-        block, so a worker can report progress and stop between blocks (cancelling a
-        ViT-L encode on CPU takes effect within about a second, not after 30 s). Its
-        return value (``StopIteration.value``) is the features tensor ``(B, C, h, w)``.
+        A generator of ``(done, total)`` progress, so a worker can report it and stop by
+        not iterating further: the torch backend yields after each transformer block,
+        OpenVINO every 50 ms and cancels its run when stopped. Its return value
+        (``StopIteration.value``) is the features tensor ``(B, C, h, w)``.
         """
-        import torch
-
         pixels = np.stack([pp.model_input(rgb, self.spec)[0] for rgb in images])
-        encoder = self.model.vision_encoder
-        total = len(encoder.layers) + 2
-        with torch.inference_mode():
-            hidden = encoder.patch_embed(torch.from_numpy(pixels).to(device=self.device, dtype=self.dtype))
-            if encoder.pos_embed is not None:
-                hidden = hidden + encoder.pos_embed
-        yield 1, total
-        for i, layer in enumerate(encoder.layers):
-            with torch.inference_mode():
-                hidden = layer(hidden)
-                if isinstance(hidden, tuple):  # older transformers return (hidden_states,)
-                    hidden = hidden[0]
-            yield i + 2, total
-        with torch.inference_mode():
-            features = encoder.neck(hidden)
-        yield total, total
+        features = yield from self.encoder.encode_steps(pixels)
         return features
 
     def encode_rgb(self, images: Sequence[np.ndarray]):

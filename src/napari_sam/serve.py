@@ -165,7 +165,7 @@ def create_app(scorer: Scorer | Callable[[], Scorer], limits: Limits | None = No
         engine = state["scorer"].engine
         return {"status": "ok", "model": engine.source.location, "model_key": engine.model_id,
                 "device": str(engine.device),
-                "dtype": str(engine.dtype).replace("torch.", ""), "version": __version__}
+                "backend": engine.backend, "dtype": engine.precision, "version": __version__}
 
     app.add_middleware(BodyLimit, max_bytes=limits.max_request_bytes)
     return app
@@ -176,7 +176,8 @@ def scorer_from_config(config: dict) -> Scorer:
     from .api import EmbeddingCache, load_model
 
     limits = Limits(**config.get("limits", {}))
-    engine = load_model(config.get("model"), device=config.get("device", "auto"), dtype=config.get("dtype", "auto"))
+    engine = load_model(config.get("model"), device=config.get("device", "auto"), dtype=config.get("dtype", "auto"),
+                        backend=config.get("backend", "auto"))
     cache_dir = config.get("cache")
     cache = EmbeddingCache(cache_dir, memory_bytes=512 * 2**20) if cache_dir else None
     return Scorer(engine, cache, limits)

@@ -135,7 +135,7 @@ class EverythingPanel(QGroupBox):
             engine = loaded
             if engine is None:
                 yield ("Loading model …", 0, 1)
-                engine = load_engine(requested)
+                engine = load_engine(requested, state.set_status)
             used = mapping
             if is_stack:
                 stack = Stack(data, mapping=used, **({} if used is not None else options))

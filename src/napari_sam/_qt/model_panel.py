@@ -44,10 +44,16 @@ class ModelPanel(QGroupBox):
         model_row.addWidget(browse)
         form.addRow("Model", model_row)
         self.device_combo = combo(["auto", "cpu", "cuda", "mps"])
-        self.dtype_combo = combo(["auto", "fp32", "bf16", "fp16"])
+        self.dtype_combo = combo(["auto", "fp32", "bf16", "fp16", "int8", "int8-weights"])
+        self.backend_combo = combo(["auto", "torch", "openvino"])
         form.addRow("Device", self.device_combo)
+        form.addRow("Encoder", self.backend_combo)
         form.addRow("dtype", self.dtype_combo)
-        self.dtype_combo.setToolTip("Precision: auto is bf16 on CUDA that supports it, else fp32")
+        self.backend_combo.setToolTip(
+            "Where the image encoder runs: auto is OpenVINO on CPU when installed (faster), else torch")
+        self.dtype_combo.setToolTip(
+            "Encoder precision: auto is bf16 on CUDA and on CPUs with bf16 instructions, else fp32; "
+            "int8 (OpenVINO) trades a little accuracy for speed (docs/performance.md)")
         self.contrast_combo = combo()
         self.contrast_combo.addItem(AUTO_CONTRAST)
         for name, (center, width) in CT_PRESETS.items():
@@ -83,10 +89,11 @@ class ModelPanel(QGroupBox):
     # --- model choice -----------------------------------------------------------------
 
     def requested_key(self):
-        return (self.model_edit.text().strip(), self.device_combo.currentText(), self.dtype_combo.currentText())
+        return (self.model_edit.text().strip(), self.device_combo.currentText(), self.dtype_combo.currentText(),
+                self.backend_combo.currentText())
 
     def requested_engine(self):
-        """The (model, device, dtype) chosen now; a loaded engine for another choice is dropped."""
+        """The (model, device, dtype, backend) chosen now; a loaded engine for another choice is dropped."""
         requested = self.requested_key()
         self.state.drop_engine_unless(requested)
         return requested
@@ -183,7 +190,7 @@ class ModelPanel(QGroupBox):
             nonlocal engine, mapping
             if engine is None:
                 yield ("Loading model", 0, 1)
-                engine = load_engine(requested)
+                engine = load_engine(requested, state.set_status)
             if mapping is None:
                 # A volume gets one mapping over all slices: same contrast on every slice.
                 mapping = resolve_intensity(data, multichannel=rgb, **options)

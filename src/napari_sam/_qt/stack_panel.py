@@ -86,7 +86,7 @@ class StackPanel(QGroupBox):
             loaded = engine
             if loaded is None:
                 yield ("Loading model …", 0, 1)
-                loaded = load_engine(requested)
+                loaded = load_engine(requested, state.set_status)
             stack = Stack(data, mapping=mapping, **({} if mapping is not None else options))
             result = yield from body(loaded, stack)
             return loaded, stack.mapping, result

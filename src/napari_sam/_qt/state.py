@@ -55,7 +55,7 @@ class LabelerState(QObject):
     def __init__(self, viewer, parent=None):
         super().__init__(parent)
         self.viewer = viewer
-        # model: the engine and the (model, device, dtype) it was loaded for
+        # model: the engine and the (model, device, dtype, backend) it was loaded for
         self.engine = None
         self.engine_key = None
         # in-session embeddings {content key: ImageEmbedding} (pixels + model + mapping, as
@@ -229,7 +229,7 @@ class LabelerState(QObject):
     # --- engine and embeddings --------------------------------------------------------
 
     def use_engine(self, engine, key) -> None:
-        """Keep ``engine`` as the one loaded for ``key`` = (model, device, dtype)."""
+        """Keep ``engine`` as the one loaded for ``key`` = (model, device, dtype, backend)."""
         self.engine, self.engine_key = engine, key
 
     def drop_engine_unless(self, key) -> None:
@@ -255,6 +255,10 @@ class LabelerState(QObject):
 
 
 
-def load_engine(requested):
-    """Load the engine for ``requested`` = (model, device, dtype); runs in a worker."""
-    return load_model(requested[0] or None, device=requested[1], dtype=requested[2])
+def load_engine(requested, say=None):
+    """Load the engine for ``requested`` = (model, device, dtype, backend); runs in a worker.
+
+    ``say`` receives messages of slow one-time steps (the OpenVINO export)."""
+    backend = requested[3] if len(requested) > 3 else "auto"
+    return load_model(requested[0] or None, device=requested[1], dtype=requested[2], backend=backend,
+                      on_progress=say)

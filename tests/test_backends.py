@@ -1,0 +1,192 @@
+"""Encoder backends and precisions (issue 15): OpenVINO against torch on the tiny model,
+the exported-encoder cache (atomic, verified, rebuilt when damaged), cancel, and the
+rule that "auto" never picks an emulated precision."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+pytest.importorskip("openvino")
+
+import napari_sam  # noqa: E402
+from napari_sam import backends  # noqa: E402
+
+
+def rel_err(a, b) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture
+def encoder_dir(tmp_path, monkeypatch):
+    folder = tmp_path / "encoders"
+    monkeypatch.setenv(backends.ENCODERS_ENV, str(folder))
+    return folder
+
+
+def load(tiny_sam_dir, **kwargs):
+    return napari_sam.load_model(tiny_sam_dir, device="cpu", **kwargs)
+
+
+def test_openvino_fp32_equals_torch(tiny_sam_dir, blob_image, encoder_dir):
+    torch_engine = load(tiny_sam_dir, dtype="fp32", backend="torch")
+    ov_engine = load(tiny_sam_dir, dtype="fp32", backend="openvino")
+    assert (torch_engine.backend, ov_engine.backend) == ("torch", "openvino")
+    a, b = torch_engine.embed(blob_image), ov_engine.embed(blob_image)
+    assert rel_err(b.features, a.features) < 1e-5
+    assert b.model_id == a.model_id
+    prompt = dict(points=[[40, 40], [10, 60]], point_labels=[1, 0], box=[20, 20, 70, 70])
+    pa, pb = torch_engine.predict(a, **prompt), ov_engine.predict(b, **prompt)
+    np.testing.assert_allclose(pb.logits, pa.logits, atol=1e-5)
+    # fp32 from either backend is the same embedding: the cache shares it
+    from napari_sam.cache import engine_cache_key
+
+    assert engine_cache_key(ov_engine) == engine_cache_key(torch_engine)
+
+
+def test_openvino_batch_equals_single(tiny_sam_dir, blob_image, encoder_dir):
+    engine = load(tiny_sam_dir, dtype="fp32", backend="openvino")
+    rgb = np.stack([blob_image] * 3, axis=-1)
+    flipped = np.ascontiguousarray(rgb[::-1])
+    both = engine.encode_rgb([rgb, flipped])
+    assert rel_err(both[1:2], engine.encode_rgb([flipped])) < 1e-5
+    assert rel_err(both[0:1], engine.encode_rgb([rgb])) < 1e-5
+
+
+@pytest.mark.parametrize("dtype, bound", [("int8-weights", 0.1), ("int8", 0.3)])
+def test_int8_is_close_but_not_fp32(tiny_sam_dir, blob_image, encoder_dir, dtype, bound):
+    ref = load(tiny_sam_dir, dtype="fp32", backend="torch").embed(blob_image).features
+    engine = load(tiny_sam_dir, dtype=dtype, backend="openvino")
+    assert engine.precision == dtype
+    err = rel_err(engine.embed(blob_image).features, ref)
+    assert 1e-4 < err < bound  # really quantized, and still the same function
+
+
+def test_bf16_where_native(tiny_sam_dir, blob_image, encoder_dir):
+    if not backends.cpu_has_native_bf16("openvino"):
+        with pytest.raises(ValueError, match="no bf16 instructions"):
+            load(tiny_sam_dir, dtype="bf16", backend="openvino")
+        return
+    ref = load(tiny_sam_dir, dtype="fp32", backend="torch").embed(blob_image).features
+    engine = load(tiny_sam_dir, dtype="bf16", backend="openvino")
+    assert 1e-4 < rel_err(engine.embed(blob_image).features, ref) < 0.05
+
+
+def test_export_is_cached_and_reused(tiny_sam_dir, encoder_dir, monkeypatch):
+    messages = []
+    load(tiny_sam_dir, dtype="fp32", backend="openvino", on_progress=messages.append)
+    assert any("Exporting" in m for m in messages)
+    (folder,) = [p for p in encoder_dir.iterdir() if not p.name.startswith(".")]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"encoder.xml", "encoder.bin"}
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again although a verified export is cached")
+
+    monkeypatch.setattr(backends, "_convert", no_export)
+    messages.clear()
+    load(tiny_sam_dir, dtype="fp32", backend="openvino", on_progress=messages.append)
+    # bf16 compiles the same float graph: no second export either
+    if backends.cpu_has_native_bf16("openvino"):
+        load(tiny_sam_dir, dtype="bf16", backend="openvino", on_progress=messages.append)
+    assert messages == []
+    assert [p.name for p in encoder_dir.iterdir()] == [folder.name]  # no temporary leftovers
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "manifest"])
+def test_damaged_export_is_rebuilt(tiny_sam_dir, blob_image, encoder_dir, caplog, damage):
+    first = load(tiny_sam_dir, dtype="fp32", backend="openvino")
+    expected = first.embed(blob_image).features
+    folder = first.encoder.path
+    if damage == "flip":
+        data = bytearray((folder / "encoder.bin").read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (folder / "encoder.bin").write_bytes(bytes(data))
+    elif damage == "truncate":
+        data = (folder / "encoder.bin").read_bytes()
+        (folder / "encoder.bin").write_bytes(data[: len(data) // 2])
+    else:
+        (folder / "manifest.json").write_text("{not json")
+    messages = []
+    with caplog.at_level(logging.WARNING, logger="napari_sam.backends"):
+        again = load(tiny_sam_dir, dtype="fp32", backend="openvino", on_progress=messages.append)
+    assert "damaged" in caplog.text and any("Exporting" in m for m in messages)
+    assert rel_err(again.embed(blob_image).features, expected) < 1e-6
+    assert backends.read_verified(folder) is not None
+
+
+def test_cancel_stops_a_running_encode(tiny_sam_dir, encoder_dir):
+    engine = load(tiny_sam_dir, dtype="fp32", backend="openvino")
+    rgb = np.zeros((256, 256, 3), np.uint8)
+    compiled, cancelled = engine.encoder.compiled, []
+
+    class Spy:  # the real request, with cancel() recorded
+        def __init__(self):
+            self.request = compiled.create_infer_request()
+
+        def __getattr__(self, name):
+            return getattr(self.request, name)
+
+        def cancel(self):
+            cancelled.append(True)
+            self.request.cancel()
+
+    engine.encoder.compiled = type("C", (), {"create_infer_request": staticmethod(Spy)})()
+    steps = engine.encode_steps([rgb] * 128)  # long enough to be running at the first yield
+    assert next(steps)[1] == backends.STEPS
+    steps.close()  # cancels the request; must not raise
+    assert cancelled == [True]
+    engine.encoder.compiled = compiled
+    # the engine still works afterwards
+    assert engine.encode_rgb([rgb]).shape[0] == 1
+
+
+def test_openvino_engine_has_no_torch_encoder(tiny_sam_dir, encoder_dir):
+    engine = load(tiny_sam_dir, dtype="fp32", backend="openvino")
+    with pytest.raises(RuntimeError, match="runs in OpenVINO"):
+        engine.model.vision_encoder(None)
+    assert "backend=openvino" in repr(engine)
+
+
+class _Device:
+    def __init__(self, kind):
+        self.type = kind
+
+
+def test_auto_never_emulates(monkeypatch):
+    cpu = _Device("cpu")
+    monkeypatch.setattr(backends, "cpu_has_native_bf16", lambda backend="torch": False)
+    assert backends.resolve_precision("auto", "openvino", cpu) == "fp32"
+    assert backends.resolve_precision("auto", "torch", cpu) == "fp32"
+    with pytest.raises(ValueError, match="no bf16 instructions"):
+        backends.resolve_precision("bf16", "openvino", cpu)
+    monkeypatch.setattr(backends, "cpu_has_native_bf16", lambda backend="torch": True)
+    assert backends.resolve_precision("auto", "openvino", cpu) == "bf16"
+    assert backends.resolve_precision("auto", "torch", cpu) == "bf16"
+
+
+def test_choices_are_checked():
+    cpu = _Device("cpu")
+    with pytest.raises(ValueError, match="needs backend='openvino'"):
+        backends.resolve_precision("int8", "torch", cpu)
+    with pytest.raises(ValueError, match="CUDA or MPS"):
+        backends.resolve_precision("fp16", "openvino", cpu)
+    with pytest.raises(ValueError, match="not one of"):
+        backends.resolve_precision("int4", "openvino", cpu)
+    with pytest.raises(ValueError, match="not one of"):
+        backends.resolve_backend("tensorrt", cpu)
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        backends.resolve_backend("openvino", _Device("cuda"))
+    assert backends.resolve_backend("auto", _Device("cuda")) == "torch"
+    assert backends.resolve_backend("auto", cpu) == "openvino"
+
+
+def test_cache_keys_separate_precisions(tiny_sam_dir, encoder_dir):
+    from napari_sam.cache import engine_cache_key
+
+    keys = {engine_cache_key(load(tiny_sam_dir, dtype=d, backend="openvino")) for d in ("fp32", "int8-weights")}
+    assert len(keys) == 2
