@@ -50,6 +50,33 @@ def test_points_preview_commit_equals_engine(labeler, qtbot, blob_image, tiny_en
     assert len(widget.state.points.data) == 0 and not widget.state.preview.data.any()
 
 
+def test_fast_decodes_run_before_the_repaint_slow_ones_in_a_worker(labeler, qtbot, blob_image, tiny_engine):
+    """Issue 15: a decode measured to be fast runs at once on the GUI thread (point and mask
+    in one frame, no CPU shared with napari's repaint); the first one and slow ones in a
+    worker, so the event loop never waits long."""
+    from napari_sam._qt.prompt_panel import INLINE_DECODE_MS
+
+    viewer, widget = labeler(blob_image)
+    embed(qtbot, widget)
+    panel, seen = widget.prompts, []
+    widget.preview_ready.connect(seen.append)
+    assert panel.ms_per_object is None
+    add_point(qtbot, widget, [60, 70])  # unmeasured: in a worker, measured there
+    assert panel.ms_per_object is not None and panel.ms_per_object < INLINE_DECODE_MS
+    seen.clear()
+    widget.state.points.add(np.asarray([20, 30], float))
+    assert len(seen) == 1  # already decoded when add() returns: no event loop turn needed
+    expected = tiny_engine.predict(tiny_engine.embed(blob_image), points=[[60, 70], [20, 30]],
+                                   point_labels=[1, 1])
+    np.testing.assert_array_equal(seen[0][0].masks, expected.masks)
+    panel.ms_per_object = 10 * INLINE_DECODE_MS  # as if this machine decoded slowly
+    seen.clear()
+    with qtbot.waitSignal(widget.preview_ready, timeout=TIMEOUT):
+        widget.state.points.add(np.asarray([80, 90], float))
+        assert seen == []  # not on the GUI thread
+    assert panel.ms_per_object < INLINE_DECODE_MS  # re-measured in the worker
+
+
 def test_box_prompt(labeler, qtbot, blob_image, tiny_engine):
     viewer, widget = labeler(blob_image)
     embed(qtbot, widget)

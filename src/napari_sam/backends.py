@@ -23,12 +23,14 @@ accuracy for speed; docs/performance.md gives both).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -306,15 +308,16 @@ def _convert(model, input_size: int, precision: str, spec, say: Progress):
         import nncf
 
         logging.getLogger("nncf").setLevel(logging.WARNING)  # its tables are for NNCF users
-
-        if precision == "int8-weights":
-            say("Compressing the encoder's weights to int8 …")
-            converted = nncf.compress_weights(converted, mode=nncf.CompressWeightsMode.INT8_ASYM)
-        else:
-            pixels = calibration_pixels(spec)
-            say(f"Calibrating int8 on {len(pixels)} bundled images (a few minutes, once) …")
-            converted = nncf.quantize(converted, nncf.Dataset(pixels), model_type=nncf.ModelType.TRANSFORMER,
-                                      subset_size=len(pixels))
+        # NNCF draws progress bars on stdout, which carries results (bench JSON, score output)
+        with contextlib.redirect_stdout(sys.stderr):
+            if precision == "int8-weights":
+                say("Compressing the encoder's weights to int8 …")
+                converted = nncf.compress_weights(converted, mode=nncf.CompressWeightsMode.INT8_ASYM)
+            else:
+                pixels = calibration_pixels(spec)
+                say(f"Calibrating int8 on {len(pixels)} bundled images (a few minutes, once) …")
+                converted = nncf.quantize(converted, nncf.Dataset(pixels), model_type=nncf.ModelType.TRANSFORMER,
+                                          subset_size=len(pixels))
     return converted
 
 

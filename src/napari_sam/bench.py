@@ -8,7 +8,8 @@ relative error and the IoU of the masks its embedding gives against the baseline
 the same 64 prompts (48 points, 16 boxes) through the same fp32 decoder. Then, with the
 chosen engine: slices/s at batch 1/2/4, click→mask (prompt → full-size mask) against the
 bare decoder call, and the time from opening a cached 100-slice stack to its first
-mask. Peak RSS and the machine (CPU flags, library versions) go into the JSON record.
+mask. Peak RSS (per encoder row on Linux: loading, exporting and encoding) and the
+machine (CPU flags, library versions) go into the JSON record.
 
 With no weights at hand, ``--random vit_b|vit_l|vit_h`` builds randomly initialised
 weights of Meta's shapes (initializer_range 0.02): timing does not depend on the values.
@@ -101,6 +102,25 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
+def _reset_peak() -> None:
+    """Start a new peak-RSS window (Linux: /proc/self/clear_refs 5 resets VmHWM)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_mb() -> float:
+    """Peak RSS since :func:`_reset_peak` (Linux), else since the process started."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def _timed(fn, repeats: int):
     best, out = float("inf"), None
     for _ in range(repeats):
@@ -162,6 +182,7 @@ def run(model=None, *, device: str = "auto", choices=None, repeats: int = 1, bat
 
     for backend, precision in _runnable(choices or ALL_CHOICES, device):
         say(f"{backend} {precision} …")
+        _reset_peak()
         start = time.perf_counter()
         engine = base if (backend, precision) == ("torch", "fp32") else load_model(
             model, device=device, dtype=precision, backend=backend, on_progress=lambda m: say(f"  {m}"))
@@ -175,10 +196,11 @@ def run(model=None, *, device: str = "auto", choices=None, repeats: int = 1, bat
         entry = {"backend": backend, "dtype": precision, "s_per_image": round(seconds, 3),
                  "vs_baseline": round(base_s / seconds, 2), "embedding_rel_err": float(f"{err:.3g}"),
                  "mask_iou_mean": round(float(np.mean(ious)), 4), "mask_iou_min": round(float(np.min(ious)), 4),
-                 "load_s": round(prepare_s, 1)}
+                 "load_s": round(prepare_s, 1), "peak_rss_mb": _peak_mb()}
         record["encoders"].append(entry)
-        say(f"  {seconds:.2f} s/image ({entry['vs_baseline']}x), embedding error {err:.2%}, "
-            f"mask IoU mean {entry['mask_iou_mean']:.4f} min {entry['mask_iou_min']:.4f}")
+        say(f"  {seconds:.2f} s/image ({entry['vs_baseline']}x), embedding error {err:.2g}, "
+            f"mask IoU mean {entry['mask_iou_mean']:.4f} min {entry['mask_iou_min']:.4f}, "
+            f"peak RSS {entry['peak_rss_mb']:.0f} MB (load {prepare_s:.0f} s)")
         if engine is not base:
             del engine
 
@@ -214,7 +236,7 @@ def run(model=None, *, device: str = "auto", choices=None, repeats: int = 1, bat
 
     record["reopen_s"] = _reopen(engine, embedding, stack_slices, say)
     record["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    say(f"peak RSS {record['peak_rss_mb']:.0f} MB")
+    say(f"peak RSS of the whole run {record['peak_rss_mb']:.0f} MB")
     return record
 
 

@@ -6,6 +6,7 @@ if newer prompts exist (a sequence number), so the preview always shows the late
 
 from __future__ import annotations
 
+import time
 from functools import partial
 
 import numpy as np
@@ -19,6 +20,11 @@ from .controls import fit_width
 from .placement import drawn_placement
 from .state import BOXES_NAME, NEGATIVE, OWN_MARK, POINTS_NAME, POSITIVE, PREVIEW_NAME, LabelerState
 
+# A decode measured to take at most this long (per object, times the objects) runs on the
+# GUI thread, before napari repaints the click: the two then do not share the CPU and point
+# and mask appear together (docs/performance.md). Slower ones, and the first (unmeasured)
+# one, run in a worker, so the event loop never waits longer than about this.
+INLINE_DECODE_MS = 60.0
 
 class _ImageExtent:
     """A prompt layer that, while empty, spans its image instead of napari's default
@@ -49,6 +55,7 @@ class PromptPanel(QGroupBox):
     def __init__(self, state: LabelerState, host):
         super().__init__("Prompts")
         self.state, self.host = state, host
+        self.ms_per_object: float | None = None  # the last decode's time, per prompt set
         form = QFormLayout(self)
         self.negative_check = QCheckBox("Negative points (Ctrl-click)")
         self.negative_check.toggled.connect(self._on_negative_toggled)
@@ -181,10 +188,27 @@ class PromptPanel(QGroupBox):
             self.host.model.compute_embedding()
             return
         multimask = self.multimask_check.isChecked()
-        create_worker(state.engine.predict_batch, embedding, prompts, multimask=multimask, _connect={
+        engine = state.engine
+        if self.ms_per_object is not None and self.ms_per_object * len(prompts) <= INLINE_DECODE_MS:
+            # Measured fast enough: decode now, before napari repaints the new point, so the
+            # two do not share the CPU and point and mask appear in one frame.
+            try:
+                predictions = self._timed_decode(engine, embedding, prompts, multimask)
+            except Exception as exc:  # noqa: BLE001 - reported like a worker's error
+                state.report_error(exc)
+                return
+            self._on_decoded(seq, z, prompts, predictions)
+            return
+        create_worker(self._timed_decode, engine, embedding, prompts, multimask, _connect={
             "returned": partial(self._on_decoded, seq, z, prompts),
             "errored": state.report_error,
         })
+
+    def _timed_decode(self, engine, embedding, prompts, multimask):
+        start = time.perf_counter()
+        predictions = engine.predict_batch(embedding, prompts, multimask=multimask)
+        self.ms_per_object = 1000 * (time.perf_counter() - start) / len(prompts)
+        return predictions
 
     def _on_decoded(self, seq, z, prompts, predictions) -> None:
         if seq != self.state.decode_seq:
