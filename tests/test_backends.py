@@ -73,7 +73,13 @@ def test_bf16_where_native(tiny_sam_dir, blob_image, encoder_dir):
         return
     ref = load(tiny_sam_dir, dtype="fp32", backend="torch").embed(blob_image).features
     engine = load(tiny_sam_dir, dtype="bf16", backend="openvino")
-    assert 1e-4 < rel_err(engine.embed(blob_image).features, ref) < 0.05
+    features = engine.embed(blob_image).features
+    assert 1e-4 < rel_err(features, ref) < 0.05
+    # bf16 is the encoder's: the decoder stays fp32, and so do the features it reads
+    import torch
+
+    assert engine.dtype == torch.float32 == features.dtype
+    assert {p.dtype for p in engine.model.parameters()} == {torch.float32}
 
 
 def test_export_is_cached_and_reused(tiny_sam_dir, encoder_dir, monkeypatch):

@@ -232,5 +232,6 @@ def test_workers_get_the_model_this_machine_resolves(tmp_path, monkeypatch):
     (tmp_path / "m").mkdir()
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("NAPARI_SAM_MODEL", "m")
-    args = argparse.Namespace(model=None, device="auto", dtype="auto", cache=None, no_cache=True, scheduler=None)
+    args = argparse.Namespace(model=None, device="auto", dtype="auto", backend="auto", cache=None, no_cache=True,
+                              scheduler=None)
     assert settings(args).model == str((tmp_path / "m").resolve())

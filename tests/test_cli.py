@@ -35,7 +35,7 @@ def image_file(tmp_path, blob_image):
 def test_console_script_segment_points(tiny_sam_dir, image_file, tmp_path, tiny_engine):
     out = tmp_path / "labels.tif"
     res = run_cli("segment", str(image_file), "--point", "60,70", "--point", "10,10,0",
-                  "--model", str(tiny_sam_dir), "--device", "cpu", "--dtype", "fp32", "-o", str(out))
+                  "--model", str(tiny_sam_dir), "--device", "cpu", "-o", str(out))
     assert res.returncode == 0, res.stderr
     labels = tifffile.imread(out)
     image = tifffile.imread(image_file)

@@ -67,7 +67,8 @@ PROMPTS = {
 
 @pytest.mark.parametrize("multimask", [False, True], ids=["single", "multimask"])
 @pytest.mark.parametrize("name", list(PROMPTS))
-def test_matches_transformers(tiny_engine, tiny_pair, blob_image, name, multimask):
+def test_matches_transformers(torch_engine, tiny_pair, blob_image, name, multimask):
+    tiny_engine = torch_engine  # transformers' own function at fp32 (backends: test_backends.py)
     prompt = PROMPTS[name]
     emb = tiny_engine.embed(blob_image)
     pred = tiny_engine.predict(
@@ -89,7 +90,8 @@ def test_matches_transformers(tiny_engine, tiny_pair, blob_image, name, multimas
     np.testing.assert_allclose(pred.scores, ref_scores, atol=1e-3)
 
 
-def test_uint16_input_matches_transformers_on_mapped_image(tiny_engine, tiny_pair, blob_image):
+def test_uint16_input_matches_transformers_on_mapped_image(torch_engine, tiny_pair, blob_image):
+    tiny_engine = torch_engine
     img16 = blob_image.astype(np.uint16) * 200 + 1000
     emb = tiny_engine.embed(img16)
     assert emb.mapping.mode == "percentile"

@@ -177,7 +177,7 @@ def run(model=None, *, device: str = "auto", choices=None, repeats: int = 1, bat
     ref = ref.float().cpu()
     ref_embedding = base.embedding_from(ref, image.shape, mapping)
     ref_masks = [p.masks[0] for p in base.predict_batch(ref_embedding, prompts)]
-    record["baseline_s"] = round(base_s, 3)
+    record["baseline_s"] = float(f"{base_s:.4g}")
     say(f"  {base_s:.2f} s/image")
 
     for backend, precision in _runnable(choices or ALL_CHOICES, device):
@@ -193,7 +193,7 @@ def run(model=None, *, device: str = "auto", choices=None, repeats: int = 1, bat
         err = float((features - ref).norm() / ref.norm())
         got = base.predict_batch(base.embedding_from(features, image.shape, mapping), prompts)
         ious = [_iou(p.masks[0], m) for p, m in zip(got, ref_masks)]
-        entry = {"backend": backend, "dtype": precision, "s_per_image": round(seconds, 3),
+        entry = {"backend": backend, "dtype": precision, "s_per_image": float(f"{seconds:.4g}"),
                  "vs_baseline": round(base_s / seconds, 2), "embedding_rel_err": float(f"{err:.3g}"),
                  "mask_iou_mean": round(float(np.mean(ious)), 4), "mask_iou_min": round(float(np.min(ious)), 4),
                  "load_s": round(prepare_s, 1), "peak_rss_mb": _peak_mb()}

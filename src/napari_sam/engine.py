@@ -142,7 +142,8 @@ def load_model(
 
         encoder = openvino_encoder(sam, fingerprint=fingerprint, precision=precision, spec=spec, say=on_progress)
         drop_torch_encoder(sam)
-    dt = torch_dtype(precision)
+    # the torch model runs the decoder (and the encoder on torch): OpenVINO's precision is its own
+    dt = torch_dtype(precision) if kind == "torch" else torch_dtype("fp32")
     sam.to(device=dev, dtype=dt)
     return SamEngine(sam, device=dev, dtype=dt, spec=spec, source=source, fingerprint=fingerprint,
                      encoder=encoder, precision=precision)
