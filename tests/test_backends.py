@@ -103,7 +103,7 @@ def test_export_is_cached_and_reused(tiny_sam_dir, encoder_dir, monkeypatch):
     assert [p.name for p in encoder_dir.iterdir()] == [folder.name]  # no temporary leftovers
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "manifest"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "manifest", "no_files", "files_list", "other_identity"])
 def test_damaged_export_is_rebuilt(tiny_sam_dir, blob_image, encoder_dir, caplog, damage):
     first = load(tiny_sam_dir, dtype="fp32", backend="openvino")
     expected = first.embed(blob_image).features
@@ -115,14 +115,24 @@ def test_damaged_export_is_rebuilt(tiny_sam_dir, blob_image, encoder_dir, caplog
     elif damage == "truncate":
         data = (folder / "encoder.bin").read_bytes()
         (folder / "encoder.bin").write_bytes(data[: len(data) // 2])
-    else:
+    elif damage == "manifest":
         (folder / "manifest.json").write_text("{not json")
+    else:
+        meta = json.loads((folder / "manifest.json").read_text())
+        if damage == "other_identity":  # e.g. an int8 export copied under a float key
+            meta["identity"] = meta["identity"].replace("|float|", "|int8|")
+        else:
+            meta["files"] = {} if damage == "no_files" else []
+            data = (folder / "encoder.bin").read_bytes()
+            (folder / "encoder.bin").write_bytes(data[:1000])
+        (folder / "manifest.json").write_text(json.dumps(meta))
     messages = []
     with caplog.at_level(logging.WARNING, logger="napari_sam.backends"):
         again = load(tiny_sam_dir, dtype="fp32", backend="openvino", on_progress=messages.append)
     assert "damaged" in caplog.text and any("Exporting" in m for m in messages)
     assert rel_err(again.embed(blob_image).features, expected) < 1e-6
-    assert backends.read_verified(folder) is not None
+    identity = json.loads((folder / "manifest.json").read_text())["identity"]
+    assert backends.read_verified(folder, identity) is not None
 
 
 def test_cancel_stops_a_running_encode(tiny_sam_dir, encoder_dir):
@@ -141,14 +151,28 @@ def test_cancel_stops_a_running_encode(tiny_sam_dir, encoder_dir):
             cancelled.append(True)
             self.request.cancel()
 
+        def wait_for(self, ms):  # report "still running" once, as a long encode would
+            if not hasattr(self, "polled"):
+                self.polled = True
+                return False
+            return self.request.wait_for(ms)
+
     engine.encoder.compiled = type("C", (), {"create_infer_request": staticmethod(Spy)})()
-    steps = engine.encode_steps([rgb] * 128)  # long enough to be running at the first yield
-    assert next(steps)[1] == backends.STEPS
+    steps = engine.encode_steps([rgb] * 3)
+    assert next(steps) == (0, 3 * backends.STEPS)
+    assert next(steps)[0] < backends.STEPS  # the first image's request is running
     steps.close()  # cancels the request; must not raise
     assert cancelled == [True]
     engine.encoder.compiled = compiled
     # the engine still works afterwards
     assert engine.encode_rgb([rgb]).shape[0] == 1
+    # cancelling, then other batch sizes (this once failed inside OpenVINO's dynamic shapes)
+    for cancelled_size, next_size in [(2, 3), (3, 2), (1, 4), (4, 1)]:
+        steps = engine.encode_steps([rgb] * cancelled_size)
+        next(steps)
+        next(steps)
+        steps.close()
+        assert engine.encode_rgb([rgb] * next_size).shape[0] == next_size
 
 
 def test_openvino_engine_has_no_torch_encoder(tiny_sam_dir, encoder_dir):
@@ -175,6 +199,14 @@ def test_auto_never_emulates(monkeypatch):
     assert backends.resolve_precision("auto", "torch", cpu) == "bf16"
 
 
+def test_an_isa_cap_without_bf16_is_respected(monkeypatch):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
+    assert not backends.cpu_has_native_bf16("openvino") and not backends.cpu_has_native_bf16("torch")
+    assert backends.resolve_precision("auto", "openvino", _Device("cpu")) == "fp32"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_bf16")
+    assert not backends._isa_capped_below_bf16()
+
+
 def test_choices_are_checked():
     cpu = _Device("cpu")
     with pytest.raises(ValueError, match="needs backend='openvino'"):
@@ -196,3 +228,48 @@ def test_cache_keys_separate_precisions(tiny_sam_dir, encoder_dir):
 
     keys = {engine_cache_key(load(tiny_sam_dir, dtype=d, backend="openvino")) for d in ("fp32", "int8-weights")}
     assert len(keys) == 2
+
+
+def test_unwritable_encoder_folder_still_works(tiny_sam_dir, blob_image, tmp_path, monkeypatch, caplog):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    monkeypatch.setenv(backends.ENCODERS_ENV, str(afile / "sub"))
+    with caplog.at_level(logging.WARNING, logger="napari_sam.backends"):
+        engine = load(tiny_sam_dir, dtype="fp32", backend="openvino")
+    assert "cannot keep the exported encoder" in caplog.text and backends.ENCODERS_ENV in caplog.text
+    ref = load(tiny_sam_dir, dtype="fp32", backend="torch").embed(blob_image).features
+    assert rel_err(engine.embed(blob_image).features, ref) < 1e-5
+
+
+def test_key_path_taken_by_a_file_and_stale_temporaries(tiny_sam_dir, encoder_dir):
+    import os
+    import time
+
+    first = load(tiny_sam_dir, dtype="fp32", backend="openvino")
+    folder = first.encoder.path
+    import shutil
+
+    shutil.rmtree(folder)
+    folder.write_text("a file where the export goes")
+    stale, fresh = encoder_dir / ".tmp-killed", encoder_dir / ".tmp-running"
+    for tmp in (stale, fresh):
+        tmp.mkdir()
+        (tmp / "encoder.bin").write_bytes(b"x" * 100)
+    old = time.time() - 7 * 3600
+    os.utime(stale, (old, old))
+    again = load(tiny_sam_dir, dtype="fp32", backend="openvino")
+    assert again.encoder.path == folder and folder.is_dir()
+    assert not stale.exists() and fresh.exists()  # a running export's folder is left alone
+
+
+def test_another_encoder_configuration_is_another_export(tiny_sam_dir, tmp_path, encoder_dir):
+    import shutil
+
+    other = tmp_path / "relu"
+    shutil.copytree(tiny_sam_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    config["vision_config"]["hidden_act"] = "relu"  # same weights, another function
+    (other / "config.json").write_text(json.dumps(config))
+    a = load(tiny_sam_dir, dtype="fp32", backend="openvino")
+    b = load(other, dtype="fp32", backend="openvino")
+    assert a.fingerprint == b.fingerprint and a.encoder.path != b.encoder.path

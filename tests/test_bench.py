@@ -44,3 +44,20 @@ def test_bench_writes_a_complete_record(tiny_sam_dir, tmp_path):
 def test_bench_refuses_bad_numbers():
     res = run_cli("bench", "--random", "vit_b", "--repeats", "0")
     assert res.returncode == 2 and "--repeats" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_bad_output_and_bad_choices_are_refused_before_any_work(tiny_sam_dir, tmp_path):
+    res = run_cli("bench", "--model", str(tiny_sam_dir), "-o", str(tmp_path / "no" / "x.json"))
+    assert res.returncode == 2 and "-o" in res.stderr and "baseline" not in res.stderr
+    (tmp_path / "imgs").mkdir()
+    import numpy as np
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "imgs" / "a.tif", np.zeros((32, 32), np.uint8))
+    res = run_cli("batch", str(tmp_path / "imgs"), "--point", "5,5", "-o", str(tmp_path / "out"),
+                  "--model", str(tiny_sam_dir), "--dtype", "int4")
+    assert res.returncode == 2 and "int4" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists()
+    res = run_cli("segment", str(tmp_path / "x.tif"), "--point", "5,5", "-o", str(tmp_path / "y.tif"),
+                  "--backend", "OpenVINO", "--dtype", "int8", "--device", "cuda:7")
+    assert res.returncode == 2 and "Traceback" not in res.stderr

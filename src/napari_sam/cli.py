@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from collections.abc import Sequence
 
 from . import _cli_batch, _cli_everything, _cli_serving
@@ -58,7 +59,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto",
                    help="encoder precision: auto (bf16 on CUDA and on CPUs with bf16 instructions, else fp32), "
                    "fp32, bf16, fp16 (CUDA/MPS), int8, int8-weights (OpenVINO); docs/performance.md")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino"],
+    p.add_argument("--backend", default="auto", type=str.lower, choices=["auto", "torch", "openvino"],
                    help="where the image encoder runs: auto (OpenVINO on CPU when installed, else torch)")
 
 
@@ -385,6 +386,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
+        if hasattr(args, "backend") and args.command != "info":
+            # A choice this machine cannot run is a usage error now, not a failure per image
+            # (batch) or a server that does not start (serve).
+            from .api import resolve_runtime
+
+            resolve_runtime(args.device, args.dtype, args.backend)
         if args.command == "everything":
             return _cli_everything.cmd_everything(
                 args, UserError, _load_engine, _open_cache,
@@ -396,6 +403,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             if args.repeats < 1 or args.slices < 1:
                 raise UserError("bench: --repeats and --slices must be at least 1")
+            if args.output and (Path(args.output).is_dir() or not Path(args.output).parent.is_dir()):
+                raise UserError(f"bench: -o {args.output}: not a file in an existing folder")
             return bench.main(args)
         if args.command in _cli_serving.COMMANDS:
             return _cli_serving.COMMANDS[args.command](args, _load_engine, _open_cache)
