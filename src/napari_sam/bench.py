@@ -235,7 +235,7 @@ def run(model=None, *, device: str = "auto", choices=None, repeats: int = 1, bat
         f"({click_ms / bare_ms:.2f}x)")
 
     record["reopen_s"] = _reopen(engine, embedding, stack_slices, say)
-    record["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    record["peak_rss_mb"] = max([_peak_mb()] + [r["peak_rss_mb"] for r in record["encoders"]])
     say(f"peak RSS of the whole run {record['peak_rss_mb']:.0f} MB")
     return record
 
