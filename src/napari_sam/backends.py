@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 BACKENDS = ("torch", "openvino")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int8-weights")
 ENCODERS_ENV = "NAPARI_SAM_ENCODERS"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 _ALIASES = {
     "auto": "auto", "fp32": "fp32", "float32": "fp32", "float": "fp32",
