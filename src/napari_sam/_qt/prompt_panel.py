@@ -24,7 +24,7 @@ from .state import BOXES_NAME, NEGATIVE, OWN_MARK, POINTS_NAME, POSITIVE, PREVIE
 # GUI thread, before napari repaints the click: the two then do not share the CPU and point
 # and mask appear together (docs/performance.md). Slower ones, and the first (unmeasured)
 # one, run in a worker, so the event loop never waits longer than about this.
-INLINE_DECODE_MS = 60.0
+INLINE_DECODE_MS = 90.0
 
 class _ImageExtent:
     """A prompt layer that, while empty, spans its image instead of napari's default
