@@ -51,6 +51,7 @@ def main() -> int:
     from qtpy.QtCore import QEventLoop, QTimer
     from qtpy.QtWidgets import QApplication
 
+    from napari_sam.bench import _median_ms as median_ms
     from napari_sam.bench import random_model
 
     tmp = Path(tempfile.mkdtemp(prefix="napari-sam-latency-"))
@@ -136,15 +137,6 @@ def main() -> int:
         with torch.inference_mode():
             engine.model(image_embeddings=feats, input_points=xy, input_labels=labels, multimask_output=False)
 
-    def timed(fn, n=20):
-        fn()
-        out = []
-        for _ in range(n):
-            t = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t)
-        return 1000 * statistics.median(out)
-
     # napari's own cost of a click: a point added to a plain Points layer and repainted
     plain = viewer.add_points(np.empty((0, 2)), name="plain")
     floor = []
@@ -155,8 +147,8 @@ def main() -> int:
         floor.append(time.perf_counter() - start)
     viewer.layers.remove(plain)
     napari_ms = 1000 * statistics.median(floor)
-    bare_ms = timed(bare)
-    predict_ms = timed(lambda: engine.predict(embedding, points=[[150, 190]]))
+    bare_ms = median_ms(bare, 20)
+    predict_ms = median_ms(lambda: engine.predict(embedding, points=[[150, 190]]), 20)
     click_ms = 1000 * statistics.median(clicks)
     record["click"] = {"preview_median_ms": round(click_ms, 1), "bare_decoder_ms": round(bare_ms, 1),
                        "predict_ms": round(predict_ms, 1), "target_ms": round(1.2 * bare_ms + 16, 1),
