@@ -1,6 +1,6 @@
-"""Encoder backends and precisions (issue 15): OpenVINO against torch on the tiny model,
-the exported-encoder cache (atomic, verified, rebuilt when damaged), cancel, and the
-rule that "auto" never picks an emulated precision."""
+"""Encoder backends and precisions (issue 15): OpenVINO and ONNX Runtime against torch on
+the tiny model, the exported-encoder cache (atomic, verified, rebuilt when damaged),
+cancel, and the rule that "auto" never picks an emulated precision."""
 
 from __future__ import annotations
 
@@ -11,9 +11,13 @@ import numpy as np
 import pytest
 
 pytest.importorskip("openvino")
+pytest.importorskip("onnxruntime")
 
 import napari_sam  # noqa: E402
-from napari_sam import backends  # noqa: E402
+from napari_sam import _exports, _onnxruntime, _openvino, backends  # noqa: E402
+
+EXPORTED = ["openvino", "onnxruntime"]
+MODULES = {"openvino": _openvino, "onnxruntime": _onnxruntime}
 
 
 def rel_err(a, b) -> float:
@@ -24,7 +28,7 @@ def rel_err(a, b) -> float:
 @pytest.fixture
 def encoder_dir(tmp_path, monkeypatch):
     folder = tmp_path / "encoders"
-    monkeypatch.setenv(backends.ENCODERS_ENV, str(folder))
+    monkeypatch.setenv(_exports.ENCODERS_ENV, str(folder))
     return folder
 
 
@@ -32,10 +36,11 @@ def load(tiny_sam_dir, **kwargs):
     return napari_sam.load_model(tiny_sam_dir, device="cpu", **kwargs)
 
 
-def test_openvino_fp32_equals_torch(tiny_sam_dir, blob_image, encoder_dir):
+@pytest.mark.parametrize("backend", EXPORTED)
+def test_exported_fp32_equals_torch(tiny_sam_dir, blob_image, encoder_dir, backend):
     torch_engine = load(tiny_sam_dir, dtype="fp32", backend="torch")
-    ov_engine = load(tiny_sam_dir, dtype="fp32", backend="openvino")
-    assert (torch_engine.backend, ov_engine.backend) == ("torch", "openvino")
+    ov_engine = load(tiny_sam_dir, dtype="fp32", backend=backend)
+    assert (torch_engine.backend, ov_engine.backend) == ("torch", backend)
     a, b = torch_engine.embed(blob_image), ov_engine.embed(blob_image)
     assert rel_err(b.features, a.features) < 1e-5
     assert b.model_id == a.model_id
@@ -48,8 +53,9 @@ def test_openvino_fp32_equals_torch(tiny_sam_dir, blob_image, encoder_dir):
     assert engine_cache_key(ov_engine) == engine_cache_key(torch_engine)
 
 
-def test_openvino_batch_equals_single(tiny_sam_dir, blob_image, encoder_dir):
-    engine = load(tiny_sam_dir, dtype="fp32", backend="openvino")
+@pytest.mark.parametrize("backend", EXPORTED)
+def test_exported_batch_equals_single(tiny_sam_dir, blob_image, encoder_dir, backend):
+    engine = load(tiny_sam_dir, dtype="fp32", backend=backend)
     rgb = np.stack([blob_image] * 3, axis=-1)
     flipped = np.ascontiguousarray(rgb[::-1])
     both = engine.encode_rgb([rgb, flipped])
@@ -57,10 +63,11 @@ def test_openvino_batch_equals_single(tiny_sam_dir, blob_image, encoder_dir):
     assert rel_err(both[0:1], engine.encode_rgb([rgb])) < 1e-5
 
 
+@pytest.mark.parametrize("backend", EXPORTED)
 @pytest.mark.parametrize("dtype, bound", [("int8-weights", 0.1), ("int8", 0.3)])
-def test_int8_is_close_but_not_fp32(tiny_sam_dir, blob_image, encoder_dir, dtype, bound):
+def test_int8_is_close_but_not_fp32(tiny_sam_dir, blob_image, encoder_dir, dtype, bound, backend):
     ref = load(tiny_sam_dir, dtype="fp32", backend="torch").embed(blob_image).features
-    engine = load(tiny_sam_dir, dtype=dtype, backend="openvino")
+    engine = load(tiny_sam_dir, dtype=dtype, backend=backend)
     assert engine.precision == dtype
     err = rel_err(engine.embed(blob_image).features, ref)
     assert 1e-4 < err < bound  # really quantized, and still the same function
@@ -82,39 +89,47 @@ def test_bf16_where_native(tiny_sam_dir, blob_image, encoder_dir):
     assert {p.dtype for p in engine.model.parameters()} == {torch.float32}
 
 
-def test_export_is_cached_and_reused(tiny_sam_dir, encoder_dir, monkeypatch):
+@pytest.mark.parametrize("backend", EXPORTED)
+def test_export_is_cached_and_reused(tiny_sam_dir, encoder_dir, monkeypatch, backend):
     messages = []
-    load(tiny_sam_dir, dtype="fp32", backend="openvino", on_progress=messages.append)
+    load(tiny_sam_dir, dtype="fp32", backend=backend, on_progress=messages.append)
     assert any("Exporting" in m for m in messages)
     (folder,) = [p for p in encoder_dir.iterdir() if not p.name.startswith(".")]
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"encoder.xml", "encoder.bin"}
+    assert set(manifest["files"]) == set(MODULES[backend].FILES)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*MODULES[backend].FILES, "manifest.json"])
 
     def no_export(*args, **kwargs):
         raise AssertionError("exported again although a verified export is cached")
 
-    monkeypatch.setattr(backends, "_convert", no_export)
+    monkeypatch.setattr(_openvino, "_convert", no_export)
+    monkeypatch.setattr(_onnxruntime, "_export", no_export)
     messages.clear()
-    load(tiny_sam_dir, dtype="fp32", backend="openvino", on_progress=messages.append)
+    load(tiny_sam_dir, dtype="fp32", backend=backend, on_progress=messages.append)
     # bf16 compiles the same float graph: no second export either
-    if backends.cpu_has_native_bf16("openvino"):
+    if backend == "openvino" and backends.cpu_has_native_bf16("openvino"):
         load(tiny_sam_dir, dtype="bf16", backend="openvino", on_progress=messages.append)
     assert messages == []
     assert [p.name for p in encoder_dir.iterdir()] == [folder.name]  # no temporary leftovers
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "manifest", "no_files", "files_list", "other_identity"])
-def test_damaged_export_is_rebuilt(tiny_sam_dir, blob_image, encoder_dir, caplog, damage):
-    first = load(tiny_sam_dir, dtype="fp32", backend="openvino")
+DAMAGE = ["flip", "truncate", "manifest", "no_files", "files_list", "other_identity"]
+
+
+@pytest.mark.parametrize("backend, damage", [("openvino", d) for d in DAMAGE] + [("onnxruntime", "flip"),
+                                                                                  ("onnxruntime", "truncate")])
+def test_damaged_export_is_rebuilt(tiny_sam_dir, blob_image, encoder_dir, caplog, backend, damage):
+    first = load(tiny_sam_dir, dtype="fp32", backend=backend)
     expected = first.embed(blob_image).features
     folder = first.encoder.path
+    weights = folder / MODULES[backend].FILES[1]
     if damage == "flip":
-        data = bytearray((folder / "encoder.bin").read_bytes())
+        data = bytearray(weights.read_bytes())
         data[len(data) // 2] ^= 0xFF
-        (folder / "encoder.bin").write_bytes(bytes(data))
+        weights.write_bytes(bytes(data))
     elif damage == "truncate":
-        data = (folder / "encoder.bin").read_bytes()
-        (folder / "encoder.bin").write_bytes(data[: len(data) // 2])
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2])
     elif damage == "manifest":
         (folder / "manifest.json").write_text("{not json")
     else:
@@ -127,12 +142,12 @@ def test_damaged_export_is_rebuilt(tiny_sam_dir, blob_image, encoder_dir, caplog
             (folder / "encoder.bin").write_bytes(data[:1000])
         (folder / "manifest.json").write_text(json.dumps(meta))
     messages = []
-    with caplog.at_level(logging.WARNING, logger="napari_sam.backends"):
-        again = load(tiny_sam_dir, dtype="fp32", backend="openvino", on_progress=messages.append)
+    with caplog.at_level(logging.WARNING, logger="napari_sam"):
+        again = load(tiny_sam_dir, dtype="fp32", backend=backend, on_progress=messages.append)
     assert "damaged" in caplog.text and any("Exporting" in m for m in messages)
     assert rel_err(again.embed(blob_image).features, expected) < 1e-6
     identity = json.loads((folder / "manifest.json").read_text())["identity"]
-    assert backends.read_verified(folder, identity) is not None
+    assert _exports.read_verified(folder, identity, MODULES[backend].FILES) is not None
 
 
 def test_cancel_stops_a_running_encode(tiny_sam_dir, encoder_dir):
@@ -159,8 +174,8 @@ def test_cancel_stops_a_running_encode(tiny_sam_dir, encoder_dir):
 
     engine.encoder.compiled = type("C", (), {"create_infer_request": staticmethod(Spy)})()
     steps = engine.encode_steps([rgb] * 3)
-    assert next(steps) == (0, 3 * backends.STEPS)
-    assert next(steps)[0] < backends.STEPS  # the first image's request is running
+    assert next(steps) == (0, 3 * _exports.STEPS)
+    assert next(steps)[0] < _exports.STEPS  # the first image's request is running
     steps.close()  # cancels the request; must not raise
     assert cancelled == [True]
     engine.encoder.compiled = compiled
@@ -175,11 +190,12 @@ def test_cancel_stops_a_running_encode(tiny_sam_dir, encoder_dir):
         assert engine.encode_rgb([rgb] * next_size).shape[0] == next_size
 
 
-def test_openvino_engine_has_no_torch_encoder(tiny_sam_dir, encoder_dir):
-    engine = load(tiny_sam_dir, dtype="fp32", backend="openvino")
-    with pytest.raises(RuntimeError, match="runs in OpenVINO"):
+@pytest.mark.parametrize("backend, name", [("openvino", "OpenVINO"), ("onnxruntime", "ONNX Runtime")])
+def test_exported_engine_has_no_torch_encoder(tiny_sam_dir, encoder_dir, backend, name):
+    engine = load(tiny_sam_dir, dtype="fp32", backend=backend)
+    with pytest.raises(RuntimeError, match=f"runs in {name}"):
         engine.model.vision_encoder(None)
-    assert "backend=openvino" in repr(engine)
+    assert f"backend={backend}" in repr(engine)
 
 
 class _Device:
@@ -209,7 +225,7 @@ def test_an_isa_cap_without_bf16_is_respected(monkeypatch):
 
 def test_choices_are_checked():
     cpu = _Device("cpu")
-    with pytest.raises(ValueError, match="needs backend='openvino'"):
+    with pytest.raises(ValueError, match="needs backend='openvino' or 'onnxruntime'"):
         backends.resolve_precision("int8", "torch", cpu)
     with pytest.raises(ValueError, match="CUDA or MPS"):
         backends.resolve_precision("fp16", "openvino", cpu)
@@ -219,6 +235,11 @@ def test_choices_are_checked():
         backends.resolve_backend("tensorrt", cpu)
     with pytest.raises(ValueError, match="runs on the CPU"):
         backends.resolve_backend("openvino", _Device("cuda"))
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        backends.resolve_backend("onnxruntime", _Device("cuda"))
+    with pytest.raises(ValueError, match="fp32 and int8 only"):
+        backends.resolve_precision("bf16", "onnxruntime", cpu)
+    assert backends.resolve_precision("auto", "onnxruntime", cpu) == "fp32"  # never emulated bf16
     assert backends.resolve_backend("auto", _Device("cuda")) == "torch"
     assert backends.resolve_backend("auto", cpu) == "openvino"
 
@@ -226,17 +247,21 @@ def test_choices_are_checked():
 def test_cache_keys_separate_precisions(tiny_sam_dir, encoder_dir):
     from napari_sam.cache import engine_cache_key
 
-    keys = {engine_cache_key(load(tiny_sam_dir, dtype=d, backend="openvino")) for d in ("fp32", "int8-weights")}
-    assert len(keys) == 2
+    keys = {(b, d): engine_cache_key(load(tiny_sam_dir, dtype=d, backend=b))
+            for b in EXPORTED for d in ("fp32", "int8-weights")}
+    assert keys[("openvino", "fp32")] == keys[("onnxruntime", "fp32")]  # the same function to 2e-6
+    assert len(set(keys.values())) == 3  # each backend's int8 is its own
 
 
-def test_unwritable_encoder_folder_still_works(tiny_sam_dir, blob_image, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("backend", EXPORTED)
+def test_unwritable_encoder_folder_still_works(tiny_sam_dir, blob_image, tmp_path, monkeypatch, caplog, backend):
     afile = tmp_path / "afile"
     afile.write_text("not a folder")
-    monkeypatch.setenv(backends.ENCODERS_ENV, str(afile / "sub"))
-    with caplog.at_level(logging.WARNING, logger="napari_sam.backends"):
-        engine = load(tiny_sam_dir, dtype="fp32", backend="openvino")
-    assert "cannot keep the exported encoder" in caplog.text and backends.ENCODERS_ENV in caplog.text
+    monkeypatch.setenv(_exports.ENCODERS_ENV, str(afile / "sub"))
+    with caplog.at_level(logging.WARNING, logger="napari_sam"):
+        engine = load(tiny_sam_dir, dtype="fp32", backend=backend)
+    assert "cannot keep the exported encoder" in caplog.text and _exports.ENCODERS_ENV in caplog.text
+    assert engine.encoder.path is None
     ref = load(tiny_sam_dir, dtype="fp32", backend="torch").embed(blob_image).features
     assert rel_err(engine.embed(blob_image).features, ref) < 1e-5
 
@@ -273,3 +298,51 @@ def test_another_encoder_configuration_is_another_export(tiny_sam_dir, tmp_path,
     a = load(tiny_sam_dir, dtype="fp32", backend="openvino")
     b = load(other, dtype="fp32", backend="openvino")
     assert a.fingerprint == b.fingerprint and a.encoder.path != b.encoder.path
+
+
+def _slow_session(nodes: int = 200, size: int = 1024):
+    """An ONNX Runtime session that takes seconds: a chain of large MatMuls."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = numpy_helper.from_array(np.eye(size, dtype=np.float32), "W")
+    chain = [helper.make_node("MatMul", ["pixel_values" if i == 0 else f"h{i}", "W"], [f"h{i + 1}"])
+             for i in range(nodes)]
+    graph = helper.make_graph(chain, "slow", [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT,
+                                                                           [1, size, size])],
+                              [helper.make_tensor_value_info(f"h{nodes}", TensorProto.FLOAT, [1, size, size])],
+                              initializer=[weights])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every MatMul
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def test_onnxruntime_cancel_stops_the_run_between_operators():
+    import time
+
+    session = _slow_session()
+    image = np.ones((1, 1024, 1024), np.float32)
+    started = time.perf_counter()
+    session.run(None, {"pixel_values": image})
+    full = time.perf_counter() - started
+    encoder = _onnxruntime.OnnxRuntimeEncoder(session, "fp32")
+    steps = encoder.encode_steps(np.stack([image[0]] * 2))
+    assert next(steps) == (0, 2 * _exports.STEPS)
+    started = time.perf_counter()
+    assert next(steps)[0] < _exports.STEPS  # polled while the first run is going
+    steps.close()  # sets terminate and waits for the run to stop
+    stopped = time.perf_counter() - started
+    assert stopped < full / 3, (stopped, full)
+    assert encoder.seconds_per_image is None  # nothing finished
+
+
+def test_onnxruntime_engine_cancel_then_runs_again(tiny_sam_dir, encoder_dir):
+    engine = load(tiny_sam_dir, dtype="fp32", backend="onnxruntime")
+    rgb = np.zeros((256, 256, 3), np.uint8)
+    for cancelled_size, next_size in [(2, 3), (3, 1)]:
+        steps = engine.encode_steps([rgb] * cancelled_size)
+        next(steps)
+        next(steps)
+        steps.close()
+        assert engine.encode_rgb([rgb] * next_size).shape[0] == next_size

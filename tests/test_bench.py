@@ -34,6 +34,9 @@ def test_bench_writes_a_complete_record(tiny_sam_dir, tmp_path):
     if record["machine"]["openvino"]:
         assert ("openvino", "fp32") in rows and ("openvino", "int8-weights") in rows
         assert rows[("openvino", "int8-weights")]["embedding_rel_err"] > 1e-4  # really quantized
+    if record["machine"]["onnxruntime"]:
+        assert ("onnxruntime", "fp32") in rows and ("onnxruntime", "int8-weights") in rows
+        assert rows[("onnxruntime", "int8-weights")]["embedding_rel_err"] > 1e-4
     assert set(record["batches"]) == {"1", "2", "4"}
     click = record["click_ms"]
     assert click["ratio"] == pytest.approx(click["predict"] / click["bare_decoder"], rel=0.02)
@@ -44,6 +47,19 @@ def test_bench_writes_a_complete_record(tiny_sam_dir, tmp_path):
 def test_bench_refuses_bad_numbers():
     res = run_cli("bench", "--random", "vit_b", "--repeats", "0")
     assert res.returncode == 2 and "--repeats" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("bench", "--random", "vit_b", "--backends", "openvino,tensorrt")
+    assert res.returncode == 2 and "--backends" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_bench_measures_only_the_backends_asked_for(tiny_sam_dir):
+    pytest.importorskip("onnxruntime")
+    res = run_cli("bench", "--model", str(tiny_sam_dir), "--device", "cpu", "--quick", "--slices", "2",
+                  "--backends", "ONNXRuntime")
+    assert res.returncode == 0, res.stderr[-3000:]
+    record = json.loads(res.stdout)
+    assert {(r["backend"], r["dtype"]) for r in record["encoders"]} == {("onnxruntime", "fp32"),
+                                                                        ("onnxruntime", "int8-weights")}
+    assert record["baseline_s"] > 0
 
 
 def test_bad_output_and_bad_choices_are_refused_before_any_work(tiny_sam_dir, tmp_path):

@@ -145,6 +145,7 @@ class StandInEngine:
     model_id = "stand-in"
     dtype = torch.float32
     precision = "fp32"
+    backend = "torch"
 
     def __init__(self):
         self.decoded_points = 0

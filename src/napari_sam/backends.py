@@ -1,4 +1,4 @@
-"""Where the image encoder runs: torch, or OpenVINO from an exported graph cached on disk.
+"""Where the image encoder runs: torch, or an exported graph (OpenVINO, ONNX Runtime).
 
 SAM's cost is its image encoder (a ViT-L is ~2.9 TFLOP per image); the prompt encoder and
 mask decoder stay in torch whatever the backend (milliseconds). An encoder backend takes
@@ -7,45 +7,47 @@ torch tensor, through a generator that yields ``(done, total)`` progress and sto
 the caller stops iterating (cancel).
 
 * ``torch``: the model's own blocks, one at a time (progress per block); any device.
-* ``openvino`` (extra ``openvino``): the encoder exported once with ``torch.export``,
-  converted to OpenVINO IR and kept in :func:`default_encoder_dir`, keyed by weights,
-  precision, input size and OpenVINO version; written atomically, checked (sizes and
-  SHA-256) on every read and rebuilt if damaged. CPU only. Runs asynchronously so a
-  cancel takes effect at once; progress is the elapsed share of the last run's time.
+* ``openvino`` (extra ``openvino``, :mod:`napari_sam._openvino`): the encoder exported
+  with ``torch.export`` and converted to OpenVINO IR. CPU only.
+* ``onnxruntime`` (extra ``onnxruntime``, :mod:`napari_sam._onnxruntime`): the encoder
+  exported to ONNX and run on ONNX Runtime's CPU provider.
+
+Exports are kept in :func:`napari_sam._exports.default_encoder_dir`, keyed by weights,
+precision, input size and the backend's version; written atomically, checked (sizes and
+SHA-256) on every read and rebuilt if damaged. Each image runs as one cancellable job;
+progress is the elapsed share of the last image's time.
 
 Precisions (``dtype``): ``fp32``; ``bf16`` and ``fp16`` where the hardware has them
-natively; ``int8`` (OpenVINO: weights and activations, calibrated with NNCF on bundled
-images) and ``int8-weights`` (OpenVINO: int8 weights, activations quantized on the fly
-by OpenVINO's CPU plugin). ``"auto"`` never picks an emulated path: bf16 only where
-the CPU has bf16 instructions (AVX512-BF16 or AMX), int8 never (it is an opt-in trade of
-accuracy for speed; docs/performance.md gives both).
+natively; ``int8`` (weights and activations, calibrated on bundled images) and
+``int8-weights`` (int8 weights, activations quantized on the fly), both with an exported
+backend. ``"auto"`` never picks an emulated path: bf16 only where the CPU has bf16
+instructions (AVX512-BF16 or AMX) and the backend runs it, int8 never (it is an opt-in
+trade of accuracy for speed; docs/performance.md gives both).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import importlib.util
-import json
 import logging
 import os
-import shutil
-import sys
-import tempfile
-import time
-import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ._exports import ENCODERS_ENV, Progress
+
+__all__ = ["BACKENDS", "PRECISIONS", "CACHE_NAMES", "cache_name", "ENCODERS_ENV", "backend_available", "resolve_backend",
+           "resolve_precision", "cpu_has_native_bf16", "torch_dtype", "TorchEncoder", "exported_encoder",
+           "drop_torch_encoder"]
+
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "openvino")
+BACKENDS = ("torch", "openvino", "onnxruntime")
+EXPORTED = ("openvino", "onnxruntime")  # run an exported graph on the CPU
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int8-weights")
-ENCODERS_ENV = "NAPARI_SAM_ENCODERS"
-FORMAT_VERSION = 3
+_EXTRAS = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
+_NAMES = {"torch": "torch", "openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}
 
 _ALIASES = {
     "auto": "auto", "fp32": "fp32", "float32": "fp32", "float": "fp32",
@@ -57,31 +59,36 @@ _ALIASES = {
 CACHE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "int8": "int8",
                "int8-weights": "int8-weights"}
 
-Progress = Callable[[str], None]
+
+def cache_name(backend: str, precision: str) -> str:
+    """The precision part of an embedding-cache key. Float precisions agree across
+    backends (fp32 to 2e-6) and share entries; int8 graphs are quantized differently by
+    each backend, so ONNX Runtime's get their own (OpenVINO's keep the earlier names)."""
+    name = CACHE_NAMES[precision]
+    return f"{name}-onnxruntime" if backend == "onnxruntime" and precision.startswith("int8") else name
 
 
 def backend_available(name: str) -> bool:
     """Whether the backend's package is installed (torch always is)."""
     if name == "torch":
         return True
-    if name == "openvino":
-        return importlib.util.find_spec("openvino") is not None
-    return False
+    return name in EXPORTED and importlib.util.find_spec(name) is not None
 
 
 def resolve_backend(backend: str | None, device) -> str:
-    """``"auto"`` → OpenVINO on CPU when installed (faster in every measurement,
-    docs/performance.md), else torch; explicit names are checked."""
+    """``"auto"`` → OpenVINO on CPU when installed, else torch (OpenVINO was the fastest
+    on every CPU measured, ONNX Runtime between it and torch: docs/performance.md);
+    explicit names are checked."""
     name = "auto" if backend is None else str(backend).lower()
     if name == "auto":
         return "openvino" if device.type == "cpu" and backend_available("openvino") else "torch"
     if name not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of 'auto', {', '.join(map(repr, BACKENDS))}")
-    if name == "openvino":
+    if name in EXPORTED:
         if device.type != "cpu":
-            raise ValueError(f"backend='openvino' runs on the CPU; device is {device.type} (use backend='torch')")
-        if not backend_available("openvino"):
-            raise ValueError("backend='openvino' needs OpenVINO: pip install 'napari-sam-labeler[openvino]'")
+            raise ValueError(f"backend={name!r} runs on the CPU; device is {device.type} (use backend='torch')")
+        if not backend_available(name):
+            raise ValueError(f"backend={name!r} needs {name}: pip install 'napari-sam-labeler[{_EXTRAS[name]}]'")
     return name
 
 
@@ -97,9 +104,11 @@ def cpu_has_native_bf16(backend: str = "torch") -> bool:
     if _isa_capped_below_bf16():
         return False
     if backend == "openvino":
-        import openvino as ov
+        from ._openvino import core
 
-        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        return "BF16" in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    if backend == "onnxruntime":
+        return False  # its CPU provider has no bf16 kernels for these graphs
     import torch
 
     cpu = getattr(torch, "cpu", None)
@@ -124,13 +133,16 @@ def resolve_precision(dtype: str | Any, backend: str, device) -> str:
         if device.type == "cpu" and cpu_has_native_bf16(backend):
             return "bf16"
         return "fp32"
-    if name in ("int8", "int8-weights") and backend != "openvino":
+    if name in ("int8", "int8-weights") and backend not in EXPORTED:
         hint = "" if backend_available("openvino") else " (pip install 'napari-sam-labeler[openvino]')"
-        raise ValueError(f"dtype={name!r} needs backend='openvino'{hint}")
+        raise ValueError(f"dtype={name!r} needs backend='openvino' or 'onnxruntime'{hint}")
     if name == "fp16" and device.type not in ("cuda", "mps"):
         raise ValueError("dtype='fp16' needs a CUDA or MPS device (CPU half precision is slow and "
                          "inaccurate); use 'fp32' or 'bf16' on CPU")
     if name == "bf16" and device.type == "cpu" and not cpu_has_native_bf16(backend):
+        if backend == "onnxruntime":
+            raise ValueError("dtype='bf16': ONNX Runtime's CPU provider runs fp32 and int8 only; "
+                             "use 'fp32', 'int8', or backend='openvino' on a CPU with bf16")
         if backend == "openvino":
             raise ValueError("dtype='bf16': this CPU has no bf16 instructions (OpenVINO would run fp32); "
                              "use 'fp32' or 'int8'")
@@ -179,276 +191,29 @@ class TorchEncoder:
         return features
 
 
-# --- OpenVINO -------------------------------------------------------------------------
-
-STEPS = 100  # progress resolution of one OpenVINO run
-POLL_MS = 50
+# --- exported backends ------------------------------------------------------------------
 
 
-class OpenVINOEncoder:
-    """A compiled OpenVINO encoder; each image runs as one asynchronous, cancellable request.
-
-    Always one image per request: batching gained ~6 % on the CPUs measured, while
-    cancelling a request of one batch size and then running another size could fail
-    inside OpenVINO's dynamic-shape attention.
-    """
-
-    name = "openvino"
-
-    def __init__(self, compiled, precision: str, path: Path | None = None):
-        self.compiled, self.precision, self.path = compiled, precision, path
-        self.seconds_per_image: float | None = None  # the last run's time, for progress
-
-    def encode_steps(self, pixels: np.ndarray):
-        import torch
-
-        images = np.ascontiguousarray(pixels, dtype=np.float32)
-        total = STEPS * len(images)
-        expected = self.seconds_per_image or 10.0
-        outputs = []
-        yield 0, total
-        for i, image in enumerate(images):
-            request = self.compiled.create_infer_request()
-            start = time.perf_counter()
-            request.start_async({0: image[None]})
-            finished = False
-            try:
-                while not request.wait_for(POLL_MS):
-                    share = min(0.99, (time.perf_counter() - start) / expected)
-                    yield i * STEPS + int(share * STEPS), total
-                finished = True
-            finally:
-                if not finished:  # the caller stopped iterating: cancel the run now
-                    request.cancel()
-                    try:
-                        request.wait()
-                    except RuntimeError:
-                        pass  # "Infer Request was canceled"
-            expected = self.seconds_per_image = time.perf_counter() - start
-            outputs.append(request.get_output_tensor(0).data.copy())
-            yield (i + 1) * STEPS, total
-        return torch.from_numpy(np.concatenate(outputs))
-
-
-def default_encoder_dir() -> Path:
-    """``$NAPARI_SAM_ENCODERS``, else ``encoders`` in the platform's user cache folder."""
-    env = os.environ.get(ENCODERS_ENV)
-    if env:
-        return Path(env).expanduser()
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("napari-sam-labeler")) / "encoders"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _graph(precision: str) -> str:
-    """fp32, bf16 and fp16 share one float graph (the precision is chosen when compiling)."""
-    return precision if precision in ("int8", "int8-weights") else "float"
-
-
-def encoder_identity(model, fingerprint: str, precision: str) -> str:
-    """What an export depends on: weights, the encoder's configuration (activation, norms,
-    sizes), the graph (float or int8) and the OpenVINO version."""
-    import openvino as ov
-
-    config = model.config.vision_config.to_dict()
-    config.pop("transformers_version", None)
-    config_hash = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    version = ov.get_version().split("-")[0]
-    size = int(model.config.vision_config.image_size)
-    return f"v{FORMAT_VERSION}|{fingerprint}|{config_hash}|openvino|{_graph(precision)}|{size}|{version}"
-
-
-def read_verified(folder: Path, identity: str, *, quiet: bool = False) -> Path | None:
-    """``encoder.xml`` of a complete, undamaged export of ``identity`` in ``folder``, else None.
-
-    The manifest must name this identity and both files with their sizes and SHA-256;
-    anything else is damage (logged unless ``quiet``), and the caller rebuilds."""
-    manifest = folder / "manifest.json"
-    if not manifest.is_file():
-        return None
-    try:
-        meta = json.loads(manifest.read_text())
-        if not isinstance(meta, dict) or meta.get("identity") != identity:
-            raise ValueError("its manifest belongs to another model, precision or OpenVINO version")
-        files = meta.get("files")
-        if not isinstance(files, dict) or set(files) != {"encoder.xml", "encoder.bin"}:
-            raise ValueError("its manifest does not list encoder.xml and encoder.bin")
-        for name, entry in files.items():
-            path = folder / name
-            if path.stat().st_size != entry["size"] or _sha256(path) != entry["sha256"]:
-                raise ValueError(f"{name} does not match its manifest")
-    except Exception as exc:  # noqa: BLE001 - any unreadable manifest is damage, never a crash
-        if not quiet:
-            log.warning("the exported encoder in %s is damaged (%s); exporting it again", folder, exc)
-        return None
-    return folder / "encoder.xml"
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
+def exported_encoder(backend: str, model, *, fingerprint: str, precision: str, spec,
+                     directory: Path | None = None, say: Progress | None = None):
+    """The encoder of ``model`` exported to ``backend`` ("openvino" or "onnxruntime"),
+    from the on-disk export cache or exported now (:mod:`napari_sam._exports`)."""
+    if backend == "openvino":
+        from ._openvino import openvino_encoder as make
+    elif backend == "onnxruntime":
+        from ._onnxruntime import onnxruntime_encoder as make
     else:
-        path.unlink(missing_ok=True)
+        raise ValueError(f"backend {backend!r} runs the model's own encoder")
+    return make(model, fingerprint=fingerprint, precision=precision, spec=spec, directory=directory, say=say)
 
 
-def _sweep_stale(root: Path, older_than_s: float = 6 * 3600) -> None:
-    """Remove temporary folders of exports that were killed (none is written for hours)."""
-    now = time.time()
-    for tmp in root.glob(".tmp-*"):
-        try:
-            if now - tmp.stat().st_mtime > older_than_s:
-                _remove(tmp)
-        except OSError:
-            pass
-
-
-def _embedding_graph(model):
-    """``pixels -> image embeddings`` as a module, the graph exported to OpenVINO."""
-    import torch
-
-    class Encoder(torch.nn.Module):
-        def __init__(self, sam):
-            super().__init__()
-            self.sam = sam
-
-        def forward(self, pixel_values):
-            return self.sam.get_image_embeddings(pixel_values)
-
-    return Encoder(model).eval()
-
-
-def calibration_pixels(spec, count: int = 4) -> list[np.ndarray]:
-    """Model inputs for int8 calibration: bundled microscopy, photo and CT images."""
-    from skimage import data
-
-    from . import preprocess as pp
-    from .samples import ct_phantom
-
-    ct = ct_phantom((8, 256, 256))
-    images = [data.cell(), data.coins(), data.camera(), ct[4]][:count]
-    out = []
-    for image in images:
-        mapping = pp.resolve_intensity(image)
-        out.append(pp.model_input(pp.to_rgb_uint8(image, mapping), spec)[0][None])
-    return out
-
-
-def _convert(model, input_size: int, precision: str, spec, say: Progress):
-    import openvino as ov
-    import torch
-
-    example = torch.zeros(2, 3, input_size, input_size)  # batch 2: a batch of 1 would be baked in
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    say("Exporting the image encoder to OpenVINO (once per model and precision) …")
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer notes from transformers' SAM code
-        exported = torch.export.export(_embedding_graph(model), (example,), dynamic_shapes=({0: batch},))
-        converted = ov.convert_model(exported)
-    # Batch stays dynamic in the graph (measured: a graph fixed at batch 1 ran 18 % slower);
-    # OpenVINOEncoder still feeds it one image per request.
-    converted.reshape({converted.inputs[0]: ov.PartialShape([-1, 3, input_size, input_size])})
-    if precision in ("int8", "int8-weights"):
-        import nncf
-
-        logging.getLogger("nncf").setLevel(logging.WARNING)  # its tables are for NNCF users
-        # NNCF draws progress bars on stdout, which carries results (bench JSON, score output)
-        with contextlib.redirect_stdout(sys.stderr):
-            if precision == "int8-weights":
-                say("Compressing the encoder's weights to int8 …")
-                converted = nncf.compress_weights(converted, mode=nncf.CompressWeightsMode.INT8_ASYM)
-            else:
-                pixels = calibration_pixels(spec)
-                say(f"Calibrating int8 on {len(pixels)} bundled images (a few minutes, once) …")
-                converted = nncf.quantize(converted, nncf.Dataset(pixels), model_type=nncf.ModelType.TRANSFORMER,
-                                          subset_size=len(pixels))
-    return converted
-
-
-def export_openvino(model, *, fingerprint: str, precision: str, spec, directory: Path | None = None,
-                    say: Progress | None = None):
-    """The IR of ``model``'s encoder at ``precision``: the path of a verified export in the
-    cache folder, or a new export written there atomically. Where the folder cannot hold
-    it (read-only, full, not a folder) the converted model itself is returned, with a
-    warning: it works now and is exported again next time."""
-    import openvino as ov
-
-    say = say or (lambda message: log.info(message))
-    input_size = int(model.config.vision_config.image_size)
-    identity = encoder_identity(model, fingerprint, precision)
-    root = Path(directory) if directory is not None else default_encoder_dir()
-    folder = root / hashlib.sha256(identity.encode()).hexdigest()[:24]
-    found = read_verified(folder, identity)
-    if found is not None:
-        return found
-    tmp = None
-    try:  # a place to write, before minutes of conversion
-        root.mkdir(parents=True, exist_ok=True)
-        _sweep_stale(root)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-        os.chmod(tmp, 0o755)  # a shared cache folder stays readable by its other users
-    except OSError as exc:
-        log.warning("cannot keep the exported encoder in %s (%s; set $%s to a writable folder): "
-                    "it is exported again each time", root, exc, ENCODERS_ENV)
-    started = time.perf_counter()
-    converted = _convert(model, input_size, precision, spec, say)
-    if tmp is None:
-        return converted
-    try:
-        ov.save_model(converted, str(tmp / "encoder.xml"), compress_to_fp16=False)
-        files = {}
-        for name in ("encoder.xml", "encoder.bin"):
-            path = tmp / name
-            with open(path, "rb+") as f:
-                os.fsync(f.fileno())
-            files[name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
-        manifest = {"format": FORMAT_VERSION, "identity": identity, "fingerprint": fingerprint,
-                    "graph": _graph(precision), "input_size": input_size, "openvino": ov.get_version(),
-                    "files": files, "export_seconds": round(time.perf_counter() - started, 1)}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if folder.exists() and read_verified(folder, identity, quiet=True) is None:
-            _remove(folder)  # damaged, or not a folder at all
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process finished the same export first: use that one
-            if read_verified(folder, identity, quiet=True) is None:
-                raise
-    except (OSError, RuntimeError) as exc:  # disk full, folder vanished, ...
-        log.warning("could not write the exported encoder to %s (%s): it is exported again next time",
-                    root, exc)
-        return converted
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    say(f"OpenVINO encoder ready ({time.perf_counter() - started:.0f} s, kept in {folder})")
-    return folder / "encoder.xml"
-
-
-def openvino_encoder(model, *, fingerprint: str, precision: str, spec, directory: Path | None = None,
-                     say: Progress | None = None) -> OpenVINOEncoder:
-    """Export (or read the cached export of) ``model``'s encoder and compile it for the CPU."""
-    import openvino as ov
-
-    ir = export_openvino(model, fingerprint=fingerprint, precision=precision, spec=spec,
-                         directory=directory, say=say)
-    hint = "bf16" if precision == "bf16" else "f32"
-    compiled = ov.Core().compile_model(str(ir) if isinstance(ir, Path) else ir, "CPU",
-                                       {"INFERENCE_PRECISION_HINT": hint})
-    return OpenVINOEncoder(compiled, precision, ir.parent if isinstance(ir, Path) else None)
-
-
-def drop_torch_encoder(model) -> None:
+def drop_torch_encoder(model, backend: str) -> None:
     """Free the torch encoder's weights once another backend runs it (1.2 GB for ViT-L)."""
     import torch
 
     class Detached(torch.nn.Module):
         def forward(self, *args, **kwargs):
-            raise RuntimeError("this engine's image encoder runs in OpenVINO; use engine.encode_steps / embed")
+            raise RuntimeError(f"this engine's image encoder runs in {_NAMES[backend]}; "
+                               "use engine.encode_steps / embed")
 
     model.vision_encoder = Detached()

@@ -41,7 +41,8 @@ ARCHS = {
     "vit_h": (1280, 32, 16, [7, 15, 23, 31]),
 }
 ALL_CHOICES = [("torch", "fp32"), ("torch", "bf16"), ("openvino", "fp32"), ("openvino", "bf16"),
-               ("openvino", "int8-weights"), ("openvino", "int8")]
+               ("openvino", "int8-weights"), ("openvino", "int8"), ("onnxruntime", "fp32"),
+               ("onnxruntime", "int8-weights"), ("onnxruntime", "int8")]
 
 
 def random_model(arch: str, directory: Path) -> Path:
@@ -82,6 +83,12 @@ def machine() -> dict:
         info["openvino"] = openvino.get_version()
     except ImportError:
         info["openvino"] = None
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        info["onnxruntime"] = None
     return info
 
 
@@ -270,7 +277,8 @@ def main(args) -> int:
         if args.random:
             print(f"building random {args.random} weights (nothing is downloaded) …", file=sys.stderr)
             model = str(random_model(args.random, Path(tmp)))
-        choices = ALL_CHOICES if not args.quick else [c for c in ALL_CHOICES if c[1] != "int8"]
+        choices = [c for c in ALL_CHOICES if not (args.quick and c[1] == "int8")
+                   and (not args.backends or c[0] in args.backends)]
         record = run(model, device=args.device, choices=choices, repeats=args.repeats,
                      stack_slices=args.slices, say=lambda m: print(m, file=sys.stderr, flush=True))
     record["model"] = f"random {args.random}" if args.random else record["model"]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import CACHE_NAMES
+from .backends import cache_name
 from ._types import ImageEmbedding, IntensityMapping, ModelInputSpec
 
 CACHE_ENV = "NAPARI_SAM_CACHE"
@@ -75,8 +75,9 @@ def slice_key(image: np.ndarray, model_key: str, mapping: IntensityMapping) -> s
 
 def engine_cache_key(engine) -> str:
     """Model identity for cache keys: weights fingerprint, input convention and the
-    encoder's precision (fp32 from torch and from OpenVINO agree to 1e-6 and share keys)."""
-    return f"{engine.model_id}|{CACHE_NAMES[engine.precision]}"
+    encoder's precision (fp32 from every backend agrees to 2e-6 and shares keys;
+    :func:`napari_sam.backends.cache_name`)."""
+    return f"{engine.model_id}|{cache_name(engine.backend, engine.precision)}"
 
 
 @dataclass

@@ -52,14 +52,23 @@ def _window(text: str) -> list[float]:
     return _floats(text, (2,), "--window")
 
 
+def _backend_list(text: str) -> list[str]:
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ("torch", "openvino", "onnxruntime")]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"{text!r}: give backends from torch, openvino, onnxruntime, "
+                                         "separated by commas")
+    return names
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="Hugging Face id, save_pretrained folder or Meta .pth "
                    "(default: $NAPARI_SAM_MODEL, else facebook/sam-vit-large)")
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="auto",
                    help="encoder precision: auto (bf16 on CUDA and on CPUs with bf16 instructions, else fp32), "
-                   "fp32, bf16, fp16 (CUDA/MPS), int8, int8-weights (OpenVINO); docs/performance.md")
-    p.add_argument("--backend", default="auto", type=str.lower, choices=["auto", "torch", "openvino"],
+                   "fp32, bf16, fp16 (CUDA/MPS), int8, int8-weights (OpenVINO, ONNX Runtime); docs/performance.md")
+    p.add_argument("--backend", default="auto", type=str.lower, choices=["auto", "torch", "openvino", "onnxruntime"],
                    help="where the image encoder runs: auto (OpenVINO on CPU when installed, else torch)")
 
 
@@ -152,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=1, help="timed runs per measurement (the best is kept)")
     bench.add_argument("--slices", type=int, default=100, help="slices of the cached stack that is reopened")
     bench.add_argument("--quick", action="store_true", help="skip full int8 (its calibration takes minutes)")
+    bench.add_argument("--backends", type=_backend_list, metavar="NAME,...",
+                       help="measure only these backends (torch, openvino, onnxruntime); the baseline always runs")
     bench.add_argument("-o", "--output", metavar="JSON", help="also write the record to this file")
 
     cache = sub.add_parser("cache", help="inspect or clear the embedding cache")
@@ -309,6 +320,12 @@ def cmd_info(args) -> int:
             print(f"openvino {openvino.get_version()}")
         except ImportError:
             print("openvino: not installed (pip install 'napari-sam-labeler[openvino]' for a faster CPU encoder)")
+        try:
+            import onnxruntime
+
+            print(f"onnxruntime {onnxruntime.__version__}")
+        except ImportError:
+            print("onnxruntime: not installed (optional: pip install 'napari-sam-labeler[onnxruntime]')")
         try:
             dev, backend, precision = api.resolve_runtime(args.device, args.dtype, args.backend)
             print(f"device: {dev}, backend: {backend}, dtype: {precision} (from --device {args.device}, "

@@ -22,7 +22,8 @@ import numpy as np
 from . import preprocess as pp
 from ._modelstack import guard_triton
 from ._types import ImageEmbedding, IntensityMapping, ModelInputSpec, Prediction, Prompt
-from .backends import TorchEncoder, resolve_backend, resolve_precision, torch_dtype
+from .backends import (EXPORTED, TorchEncoder, drop_torch_encoder, exported_encoder, resolve_backend,
+                       resolve_precision, torch_dtype)
 from .checkpoints import ModelSource, load_sam_model, resolve_model_source, spec_from_source
 
 
@@ -109,16 +110,16 @@ def load_model(
     dtype : {"auto", "fp32", "bf16", "fp16", "int8", "int8-weights"}
         The image encoder's precision. ``"auto"`` is bf16 on CUDA devices and CPUs that
         have bf16 instructions (AVX512-BF16/AMX), else fp32; never an emulated path.
-        int8 needs the OpenVINO backend (docs/performance.md: speed and accuracy of each).
+        int8 needs an exported backend (docs/performance.md: speed and accuracy of each).
     preprocessing : {"sam", "medsam"} or ModelInputSpec, optional
         Override the input convention; by default MedSAM is recognised by name.
     config : transformers.SamConfig, optional
         Architecture for a Meta checkpoint whose shape cannot be inferred (decoder heads).
-    backend : {"auto", "torch", "openvino"}
+    backend : {"auto", "torch", "openvino", "onnxruntime"}
         Where the image encoder runs. ``"auto"`` is OpenVINO on CPU when it is installed
-        (the ``openvino`` extra), else torch. OpenVINO exports the encoder once per model
-        and precision into ``$NAPARI_SAM_ENCODERS`` (a minute for ViT-L; int8 calibration
-        a few more).
+        (the ``openvino`` extra), else torch. OpenVINO and ONNX Runtime (extra
+        ``onnxruntime``) export the encoder once per model and precision into
+        ``$NAPARI_SAM_ENCODERS`` (under a minute for ViT-L; int8 calibration a few more).
     on_progress : callable(str), optional
         Called with a message for slow one-time steps (exporting the encoder).
 
@@ -137,12 +138,11 @@ def load_model(
     fingerprint = _weights_fingerprint(sam)
     spec = spec_from_source(source, sam, preprocessing)
     encoder = None
-    if kind == "openvino":
-        from .backends import drop_torch_encoder, openvino_encoder
-
-        encoder = openvino_encoder(sam, fingerprint=fingerprint, precision=precision, spec=spec, say=on_progress)
-        drop_torch_encoder(sam)
-    # the torch model runs the decoder (and the encoder on torch): OpenVINO's precision is its own
+    if kind in EXPORTED:
+        encoder = exported_encoder(kind, sam, fingerprint=fingerprint, precision=precision, spec=spec,
+                                   say=on_progress)
+        drop_torch_encoder(sam, kind)
+    # the torch model runs the decoder (and the encoder on torch): an export's precision is its own
     dt = torch_dtype(precision) if kind == "torch" else torch_dtype("fp32")
     sam.to(device=dev, dtype=dt)
     return SamEngine(sam, device=dev, dtype=dt, spec=spec, source=source, fingerprint=fingerprint,
@@ -237,7 +237,7 @@ class SamEngine:
 
     @property
     def backend(self) -> str:
-        """Where the image encoder runs: ``"torch"`` or ``"openvino"``."""
+        """Where the image encoder runs: ``"torch"``, ``"openvino"`` or ``"onnxruntime"``."""
         return self.encoder.name
 
     def __repr__(self) -> str:
@@ -253,7 +253,7 @@ class SamEngine:
 
         A generator of ``(done, total)`` progress, so a worker can report it and stop by
         not iterating further: the torch backend yields after each transformer block,
-        OpenVINO every 50 ms and cancels its run when stopped. Its return value
+        exported ones (OpenVINO, ONNX Runtime) every 50 ms, cancelling their run when stopped. Its return value
         (``StopIteration.value``) is the features tensor ``(B, C, h, w)``.
         """
         pixels = np.stack([pp.model_input(rgb, self.spec)[0] for rgb in images])

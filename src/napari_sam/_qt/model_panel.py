@@ -45,7 +45,7 @@ class ModelPanel(QGroupBox):
         form.addRow("Model", model_row)
         self.device_combo = combo(["auto", "cpu", "cuda", "mps"])
         self.dtype_combo = combo(["auto", "fp32", "bf16", "fp16", "int8", "int8-weights"])
-        self.backend_combo = combo(["auto", "torch", "openvino"])
+        self.backend_combo = combo(["auto", "torch", "openvino", "onnxruntime"])
         form.addRow("Device", self.device_combo)
         form.addRow("Encoder", self.backend_combo)
         form.addRow("dtype", self.dtype_combo)
@@ -53,7 +53,7 @@ class ModelPanel(QGroupBox):
             "Where the image encoder runs: auto is OpenVINO on CPU when installed (faster), else torch")
         self.dtype_combo.setToolTip(
             "Encoder precision: auto is bf16 on CUDA and on CPUs with bf16 instructions, else fp32; "
-            "int8 (OpenVINO) trades a little accuracy for speed (docs/performance.md)")
+            "int8 (OpenVINO, ONNX Runtime) trades a little accuracy for speed (docs/performance.md)")
         self.contrast_combo = combo()
         self.contrast_combo.addItem(AUTO_CONTRAST)
         for name, (center, width) in CT_PRESETS.items():

@@ -1,0 +1,181 @@
+"""The image encoder in ONNX Runtime (extra ``onnxruntime``): exported with
+``torch.onnx.export``, optionally quantized with ONNX Runtime's own tools, cached on disk
+(:mod:`napari_sam._exports`) as ``encoder.onnx`` + ``encoder.onnx.data`` and run on the
+CPU execution provider.
+
+Precisions: ``fp32``; ``int8-weights`` (``quantize_dynamic``: int8 weights, activations
+quantized per run); ``int8`` (``quantize_static``: QDQ with per-channel weights and
+activation ranges calibrated on bundled images). ONNX Runtime's CPU provider has no
+bf16 kernels for these graphs, so bf16 is refused rather than emulated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ._exports import Progress, cached_export, calibration_pixels, embedding_graph, encoder_identity, run_polled
+
+log = logging.getLogger(__name__)
+
+FILES = ("encoder.onnx", "encoder.onnx.data")
+OPSET = 17
+INPUT = "pixel_values"
+
+
+class _Run:
+    """One ``session.run`` in a thread, as a job for :func:`run_polled`; ``cancel``
+    sets ONNX Runtime's terminate flag, which stops the run between operators."""
+
+    def __init__(self, session, image: np.ndarray):
+        import onnxruntime as ort
+
+        self.options = ort.RunOptions()
+        self.output = self.error = None
+        self.thread = threading.Thread(target=self._run, args=(session, image), daemon=True,
+                                       name="napari-sam-onnxruntime")
+        self.thread.start()
+
+    def _run(self, session, image):
+        try:
+            self.output = session.run(None, {INPUT: image}, self.options)[0]
+        except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread by result()
+            self.error = exc
+
+    def wait(self, ms: int) -> bool:
+        self.thread.join(ms / 1000)
+        return not self.thread.is_alive()
+
+    def cancel(self) -> None:
+        self.options.terminate = True
+        self.thread.join()
+
+    def result(self) -> np.ndarray:
+        if self.error is not None:
+            raise self.error
+        return self.output
+
+
+class OnnxRuntimeEncoder:
+    """An ONNX Runtime session of the encoder; each image is one cancellable run."""
+
+    name = "onnxruntime"
+
+    def __init__(self, session, precision: str, path: Path | None = None):
+        self.session, self.precision, self.path = session, precision, path
+        self.seconds_per_image: float | None = None  # the last run's time, for progress
+
+    def encode_steps(self, pixels: np.ndarray):
+        return (yield from run_polled(self, pixels, lambda image: _Run(self.session, image)))
+
+
+def identity(model, fingerprint: str, precision: str) -> str:
+    import onnxruntime as ort
+    import torch
+
+    # the graph comes from torch's exporter: its version is part of what was exported
+    version = f"{ort.__version__}+opset{OPSET}+torch{torch.__version__.split('+')[0]}"
+    return encoder_identity(model, fingerprint, precision, "onnxruntime", version)
+
+
+class _Calibration:
+    """ONNX Runtime's CalibrationDataReader protocol over the bundled images."""
+
+    def __init__(self, pixels: list[np.ndarray]):
+        self.items = iter([{INPUT: p.astype(np.float32)} for p in pixels])
+
+    def get_next(self):
+        return next(self.items, None)
+
+
+@contextlib.contextmanager
+def _root_logging_above(level: int):
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(level + 10)
+    try:
+        yield
+    finally:
+        root.setLevel(before)
+
+
+def _export(model, input_size: int, precision: str, spec, say: Progress, out: Path) -> Path:
+    """Write ``encoder.onnx`` + ``encoder.onnx.data`` for ``precision`` into ``out``."""
+    import onnx
+    import torch
+
+    work = Path(tempfile.mkdtemp(prefix=".work-", dir=out))
+    try:
+        raw = work / "raw.onnx"
+        say("Exporting the image encoder to ONNX (once per model and precision) …")
+        example = torch.zeros(2, 3, input_size, input_size)
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+            warnings.simplefilter("ignore")  # tracer notes from transformers' SAM code
+            torch.onnx.export(embedding_graph(model), (example,), str(raw), input_names=[INPUT],
+                              output_names=["embeddings"], opset_version=OPSET, dynamo=False,
+                              dynamic_axes={INPUT: {0: "batch"}, "embeddings": {0: "batch"}})
+        if precision in ("int8", "int8-weights"):
+            from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+            quantized = work / "quantized.onnx"
+            # its tool logs advice on the root logger and prints on stdout (which carries results)
+            with contextlib.redirect_stdout(sys.stderr), _root_logging_above(logging.WARNING):
+                if precision == "int8-weights":
+                    say("Quantizing the encoder's weights to int8 …")
+                    quantize_dynamic(raw, quantized, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                                     use_external_data_format=True)
+                else:
+                    pixels = calibration_pixels(spec)
+                    say(f"Calibrating int8 on {len(pixels)} bundled images (a few minutes, once) …")
+                    quantize_static(raw, quantized, _Calibration(pixels), quant_format=QuantFormat.QDQ,
+                                    per_channel=True, activation_type=QuantType.QUInt8,
+                                    weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Conv"],
+                                    use_external_data_format=True)
+            raw = quantized
+        graph = onnx.load(str(raw), load_external_data=True)
+        # one layout whatever the size (a ViT-H is over protobuf's 2 GB): graph + one data file
+        onnx.save_model(graph, str(out / FILES[0]), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=FILES[1], size_threshold=1024)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def onnxruntime_encoder(model, *, fingerprint: str, precision: str, spec, directory: Path | None = None,
+                        say: Progress | None = None) -> OnnxRuntimeEncoder:
+    """Export (or read the cached export of) ``model``'s encoder and open an ONNX Runtime
+    session on it."""
+    import onnxruntime as ort
+
+    say = say or (lambda message: log.info(message))
+    input_size = int(model.config.vision_config.image_size)
+    scratch: list[Path] = []
+
+    def convert(workdir: Path | None) -> Path:
+        if workdir is None:  # the cache cannot hold it: export to a private temporary folder
+            workdir = Path(tempfile.mkdtemp(prefix="napari-sam-onnx-"))
+            scratch.append(workdir)
+        return _export(model, input_size, precision, spec, say, workdir)
+
+    def load(folder: Path):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        return ort.InferenceSession(str(folder / FILES[0]), options, providers=["CPUExecutionProvider"])
+
+    try:
+        session, folder = cached_export(
+            identity(model, fingerprint, precision), FILES, convert=convert,
+            save=lambda converted, folder: None, load=load, directory=directory, say=say,
+            meta={"backend": "onnxruntime", "version": ort.__version__, "input_size": input_size})
+    finally:
+        for path in scratch:
+            shutil.rmtree(path, ignore_errors=True)
+    return OnnxRuntimeEncoder(session, precision, folder)
