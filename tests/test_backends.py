@@ -63,8 +63,8 @@ def test_exported_batch_equals_single(tiny_sam_dir, blob_image, encoder_dir, bac
     assert rel_err(both[0:1], engine.encode_rgb([rgb])) < 1e-5
 
 
-@pytest.mark.parametrize("backend", EXPORTED)
-@pytest.mark.parametrize("dtype, bound", [("int8-weights", 0.1), ("int8", 0.3)])
+@pytest.mark.parametrize("backend, dtype, bound", [("openvino", "int8-weights", 0.1), ("openvino", "int8", 0.3),
+                                                   ("onnxruntime", "int8-weights", 0.1)])
 def test_int8_is_close_but_not_fp32(tiny_sam_dir, blob_image, encoder_dir, dtype, bound, backend):
     ref = load(tiny_sam_dir, dtype="fp32", backend="torch").embed(blob_image).features
     engine = load(tiny_sam_dir, dtype=dtype, backend=backend)
@@ -237,6 +237,8 @@ def test_choices_are_checked():
         backends.resolve_backend("openvino", _Device("cuda"))
     with pytest.raises(ValueError, match="runs on the CPU"):
         backends.resolve_backend("onnxruntime", _Device("cuda"))
+    with pytest.raises(ValueError, match="needs backend='openvino'"):
+        backends.resolve_precision("int8", "onnxruntime", cpu)
     with pytest.raises(ValueError, match="fp32 and int8 only"):
         backends.resolve_precision("bf16", "onnxruntime", cpu)
     assert backends.resolve_precision("auto", "onnxruntime", cpu) == "fp32"  # never emulated bf16

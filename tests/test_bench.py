@@ -54,12 +54,12 @@ def test_bench_refuses_bad_numbers():
 def test_bench_measures_only_the_backends_asked_for(tiny_sam_dir):
     pytest.importorskip("onnxruntime")
     res = run_cli("bench", "--model", str(tiny_sam_dir), "--device", "cpu", "--quick", "--slices", "2",
-                  "--backends", "ONNXRuntime")
+                  "--backends", "ONNXRuntime", "--preprocessing", "medsam")
     assert res.returncode == 0, res.stderr[-3000:]
     record = json.loads(res.stdout)
     assert {(r["backend"], r["dtype"]) for r in record["encoders"]} == {("onnxruntime", "fp32"),
                                                                         ("onnxruntime", "int8-weights")}
-    assert record["baseline_s"] > 0
+    assert record["baseline_s"] > 0 and record["preprocessing"] == "medsam"
 
 
 def test_bad_output_and_bad_choices_are_refused_before_any_work(tiny_sam_dir, tmp_path):

@@ -203,6 +203,8 @@ def test_segment_volume_with_propagation(tiny_sam_dir, volume_file, tmp_path, ti
         (["segment", "{img}", "--point", "5,5", "--propagate", "-o", "o.tif"], "need a 3D stack"),
         (["embed", "{vol}", "--slices", "a:b"], "START:STOP"),
         (["embed", "{vol}", "--batch-size", "0"], "--batch-size"),
+        (["embed", "{vol}", "--batch-size", "many"], "--batch-size"),
+        (["embed", "{vol}", "--compile", "--backend", "onnxruntime"], "--compile compiles the torch encoder"),
         (["embed", "missing.tif"], "volume not found"),
     ],
 )

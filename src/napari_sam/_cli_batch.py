@@ -51,7 +51,8 @@ def settings(args):
         from .api import EmbeddingCache
 
         cache = str(EmbeddingCache().directory)  # the workers get this machine's default folder by name
-    return ModelSettings(model=model, device=args.device, dtype=args.dtype, backend=args.backend, cache=cache)
+    return ModelSettings(model=model, device=args.device, dtype=args.dtype, backend=args.backend,
+                         compile=getattr(args, "compile", False), cache=cache)
 
 
 def _source(args):
@@ -110,7 +111,8 @@ def cmd_embed_on_cluster(args, stack, indices) -> int:
         raise ValueError("`embed` fills the cache; it cannot run with --no-cache")
     conf = settings(args)
     order = list(range(len(stack))) if indices is None else list(indices)
-    chunks = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+    per_task = 1 if args.batch_size == "auto" else args.batch_size  # auto: each worker sizes its own calls
+    chunks = [order[i:i + per_task] for i in range(0, len(order), per_task)]
     jobs = [(str(Path(args.volume).resolve()), args.axis, chunk, stack.mapping, conf, args.batch_size) for chunk in chunks]
     bar = tqdm(total=len(order), unit="slice", desc="embedding", file=sys.stderr)
     cached = 0

@@ -134,7 +134,7 @@ def cmd_serve(args, load_engine, open_cache) -> int:
         raise FileNotFoundError(f"model {status.requested}: {status.detail}")
     limits = _limits(args, max_request_bytes=int(args.max_request_mb * 2**20))
     config = {"model": args.model, "device": args.device, "dtype": args.dtype, "backend": args.backend,
-              "cache": args.cache,
+              "compile": getattr(args, "compile", False), "cache": args.cache,
               "limits": {"allow_urls": limits.allow_urls, "max_image_pixels": limits.max_image_pixels,
                          "max_request_bytes": limits.max_request_bytes}}
     if args.host not in ("127.0.0.1", "localhost", "::1"):

@@ -27,6 +27,8 @@ trade of accuracy for speed; docs/performance.md gives both).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import logging
 import os
@@ -38,7 +40,7 @@ import numpy as np
 from ._exports import ENCODERS_ENV, Progress
 
 __all__ = ["BACKENDS", "PRECISIONS", "CACHE_NAMES", "cache_name", "ENCODERS_ENV", "backend_available", "resolve_backend",
-           "resolve_precision", "cpu_has_native_bf16", "torch_dtype", "TorchEncoder", "exported_encoder",
+           "resolve_precision", "cpu_has_native_bf16", "torch_dtype", "TorchEncoder", "CudaMemory", "memory_batch_size", "exported_encoder",
            "drop_torch_encoder"]
 
 log = logging.getLogger(__name__)
@@ -136,18 +138,26 @@ def resolve_precision(dtype: str | Any, backend: str, device) -> str:
     if name in ("int8", "int8-weights") and backend not in EXPORTED:
         hint = "" if backend_available("openvino") else " (pip install 'napari-sam-labeler[openvino]')"
         raise ValueError(f"dtype={name!r} needs backend='openvino' or 'onnxruntime'{hint}")
+    if name == "int8" and backend == "onnxruntime":
+        raise ValueError("dtype='int8' (weights and activations) needs backend='openvino': ONNX Runtime's "
+                         "calibration of a ViT-L ran out of 24 GB; use 'int8-weights' with ONNX Runtime")
     if name == "fp16" and device.type not in ("cuda", "mps"):
         raise ValueError("dtype='fp16' needs a CUDA or MPS device (CPU half precision is slow and "
                          "inaccurate); use 'fp32' or 'bf16' on CPU")
     if name == "bf16" and device.type == "cpu" and not cpu_has_native_bf16(backend):
         if backend == "onnxruntime":
             raise ValueError("dtype='bf16': ONNX Runtime's CPU provider runs fp32 and int8 only; "
-                             "use 'fp32', 'int8', or backend='openvino' on a CPU with bf16")
+                             "use 'fp32', 'int8-weights', or backend='openvino' on a CPU with bf16")
         if backend == "openvino":
             raise ValueError("dtype='bf16': this CPU has no bf16 instructions (OpenVINO would run fp32); "
                              "use 'fp32' or 'int8'")
         log.warning("dtype='bf16': this CPU has no bf16 instructions; torch emulates it (slower than fp32)")
     return name
+
+
+def mixed_precision(device, precision: str) -> bool:
+    """bf16/fp16 on CUDA or MPS run under autocast rather than as a cast model."""
+    return device.type in ("cuda", "mps") and precision in ("bf16", "fp16")
 
 
 def torch_dtype(precision: str):
@@ -161,34 +171,120 @@ def torch_dtype(precision: str):
 # --- torch ----------------------------------------------------------------------------
 
 
+MAX_BATCH = 16  # slices per encoder call at most, whatever memory allows
+
+
+def memory_batch_size(free_bytes: int, bytes_per_image: int, *, limit: int = MAX_BATCH,
+                      headroom: float = 0.8) -> int:
+    """Images per encoder call that fit in ``headroom`` of ``free_bytes`` at the measured
+    ``bytes_per_image`` (at least 1, at most ``limit``)."""
+    if bytes_per_image <= 0:
+        return 1
+    return max(1, min(limit, int(free_bytes * headroom) // int(bytes_per_image)))
+
+
+class CudaMemory:
+    """A CUDA device's allocator statistics: what sizes batches by free memory."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def allocated(self) -> int:
+        import torch
+
+        return torch.cuda.memory_allocated(self.device)
+
+    def reset_peak(self) -> None:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> int:
+        import torch
+
+        return torch.cuda.max_memory_allocated(self.device)
+
+    def free(self) -> int:
+        """Free on the device plus what torch's allocator holds but does not use."""
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+
+
+def _run_block(layer, hidden):
+    out = layer(hidden)
+    return out[0] if isinstance(out, tuple) else out  # older transformers return (hidden_states,)
+
+
+@functools.cache
+def _compiled_block():
+    """One compiled block function for every block of every model (modules are inputs)."""
+    import torch
+
+    return torch.compile(_run_block, dynamic=False)
+
+
 class TorchEncoder:
-    """The model's own image encoder, run block by block (progress and cancel per block)."""
+    """The model's own image encoder, run block by block (progress and cancel per block).
+
+    ``autocast``: run the encoder under ``torch.autocast`` in this dtype (bf16/fp16 on
+    CUDA and MPS: weights and the decoder stay fp32). ``compile``: each block through
+    ``torch.compile`` (opt-in; the first image pays the compilation). ``memory``: the
+    device's allocator statistics (:class:`CudaMemory` on CUDA), from which the bytes an
+    image takes are measured and :meth:`suggested_batch_size` derived.
+    """
 
     name = "torch"
 
-    def __init__(self, model, device, dtype):
+    def __init__(self, model, device, dtype, *, autocast=None, compile: bool = False, memory="auto"):
         self.model, self.device, self.dtype = model, device, dtype
+        self.autocast, self.compiled = autocast, bool(compile)
+        self.memory = (CudaMemory(device) if device.type == "cuda" else None) if memory == "auto" else memory
+        self.bytes_per_image: int | None = None
+        self._block = _compiled_block() if compile else _run_block
+
+    def _mode(self):
+        import torch
+
+        modes = contextlib.ExitStack()
+        modes.enter_context(torch.inference_mode())
+        if self.autocast is not None:
+            modes.enter_context(torch.autocast(self.device.type, dtype=self.autocast))
+        return modes
 
     def encode_steps(self, pixels: np.ndarray):
         import torch
 
         encoder = self.model.vision_encoder
         total = len(encoder.layers) + 2
-        with torch.inference_mode():
+        if self.memory is not None:
+            self.memory.reset_peak()
+            before = self.memory.allocated()
+        with self._mode():
             hidden = encoder.patch_embed(torch.from_numpy(pixels).to(device=self.device, dtype=self.dtype))
             if encoder.pos_embed is not None:
                 hidden = hidden + encoder.pos_embed
         yield 1, total
         for i, layer in enumerate(encoder.layers):
-            with torch.inference_mode():
-                hidden = layer(hidden)
-                if isinstance(hidden, tuple):  # older transformers return (hidden_states,)
-                    hidden = hidden[0]
+            with self._mode():
+                hidden = self._block(layer, hidden)
             yield i + 2, total
-        with torch.inference_mode():
+        with self._mode():
             features = encoder.neck(hidden)
+        if self.autocast is not None:
+            features = features.to(self.dtype)  # the decoder reads the model's dtype
+        if self.memory is not None:
+            self.bytes_per_image = max(1, (self.memory.peak() - before) // len(pixels))
         yield total, total
         return features
+
+    def suggested_batch_size(self) -> int:
+        """1 until an image has been measured, and off CUDA (batches gained nothing
+        measurable on CPUs); else what fits in free device memory."""
+        if self.memory is None or self.bytes_per_image is None:
+            return 1
+        return memory_batch_size(self.memory.free(), self.bytes_per_image)
 
 
 # --- exported backends ------------------------------------------------------------------

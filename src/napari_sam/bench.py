@@ -42,7 +42,7 @@ ARCHS = {
 }
 ALL_CHOICES = [("torch", "fp32"), ("torch", "bf16"), ("openvino", "fp32"), ("openvino", "bf16"),
                ("openvino", "int8-weights"), ("openvino", "int8"), ("onnxruntime", "fp32"),
-               ("onnxruntime", "int8-weights"), ("onnxruntime", "int8")]
+               ("onnxruntime", "int8-weights")]
 
 
 def random_model(arch: str, directory: Path) -> Path:
@@ -162,17 +162,18 @@ def _runnable(choices, device: str) -> list[tuple[str, str]]:
 
 
 def run(model=None, *, device: str = "auto", choices=None, repeats: int = 1, batch_sizes=(1, 2, 4),
-        stack_slices: int = 100, say: Callable[[str], None] = print) -> dict:
+        stack_slices: int = 100, preprocessing: str | None = None, say: Callable[[str], None] = print) -> dict:
     """Measure; returns the record :func:`main` writes as JSON (see the module docstring)."""
     from skimage import data
 
     image = data.coins()
     mapping = pp.resolve_intensity(image)
     rgb = pp.to_rgb_uint8(image, mapping)
-    base = load_model(model, device=device, dtype="fp32", backend="torch")
+    base = load_model(model, device=device, dtype="fp32", backend="torch", preprocessing=preprocessing)
     pixels = np.stack([pp.model_input(rgb, base.spec)[0]])
     prompts = test_prompts(image.shape)
-    record = {"machine": machine(), "model": base.source.describe(), "image": list(image.shape), "encoders": []}
+    record = {"machine": machine(), "model": base.source.describe(), "preprocessing": base.spec.kind,
+              "image": list(image.shape), "encoders": []}
 
     import torch
 
@@ -192,7 +193,8 @@ def run(model=None, *, device: str = "auto", choices=None, repeats: int = 1, bat
         _reset_peak()
         start = time.perf_counter()
         engine = base if (backend, precision) == ("torch", "fp32") else load_model(
-            model, device=device, dtype=precision, backend=backend, on_progress=lambda m: say(f"  {m}"))
+            model, device=device, dtype=precision, backend=backend, preprocessing=preprocessing,
+            on_progress=lambda m: say(f"  {m}"))
         prepare_s = time.perf_counter() - start
         engine.encode_rgb([rgb])  # warm-up (first-run allocations, OpenVINO's lazy init)
         seconds, features = _timed(lambda: engine.encode_rgb([rgb]), repeats)
@@ -211,7 +213,7 @@ def run(model=None, *, device: str = "auto", choices=None, repeats: int = 1, bat
         if engine is not base:
             del engine
 
-    engine = load_model(model, device=device)  # what users get by default
+    engine = load_model(model, device=device, preprocessing=preprocessing)  # what users get by default
     record["default"] = {"backend": engine.backend, "dtype": engine.precision}
     say(f"default engine: {engine.backend} {engine.precision}")
     images = [rgb, rgb[::-1], rgb[:, ::-1], rgb[::-1, ::-1]]
@@ -280,7 +282,7 @@ def main(args) -> int:
         choices = [c for c in ALL_CHOICES if not (args.quick and c[1] == "int8")
                    and (not args.backends or c[0] in args.backends)]
         record = run(model, device=args.device, choices=choices, repeats=args.repeats,
-                     stack_slices=args.slices, say=lambda m: print(m, file=sys.stderr, flush=True))
+                     stack_slices=args.slices, preprocessing=args.preprocessing, say=lambda m: print(m, file=sys.stderr, flush=True))
     record["model"] = f"random {args.random}" if args.random else record["model"]
     text = json.dumps(record, indent=1)
     if args.output:

@@ -13,6 +13,7 @@ how to provide the weights. :mod:`napari_sam.engine` puts the result on a device
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -408,3 +409,21 @@ def load_sam_model(source: ModelSource, config=None):
                 + how_to_get_weights(source.requested)
             ) from exc
     return sam
+
+
+def weights_fingerprint(model) -> str:
+    """A stable identity of the weights: names, shapes and a sample of every tensor.
+
+    Cheap even for ViT-H (it reads at most 2 MiB per tensor), and it changes whenever a
+    fine-tune changes weights, which is what cache keys need.
+    """
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous().float().reshape(-1)
+        h.update(f"{name}:{tuple(tensor.shape)};".encode())
+        n = t.numel()
+        sample = t if n <= 2 * 262144 else torch.cat([t[:262144], t[-262144:]])
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:32]

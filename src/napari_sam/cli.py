@@ -52,6 +52,18 @@ def _window(text: str) -> list[float]:
     return _floats(text, (2,), "--window")
 
 
+def _batch_size(text: str) -> int | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 'auto' or a whole number >= 1")
+    return value
+
+
 def _backend_list(text: str) -> list[str]:
     names = [n.strip().lower() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in ("torch", "openvino", "onnxruntime")]
@@ -70,6 +82,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "fp32, bf16, fp16 (CUDA/MPS), int8, int8-weights (OpenVINO, ONNX Runtime); docs/performance.md")
     p.add_argument("--backend", default="auto", type=str.lower, choices=["auto", "torch", "openvino", "onnxruntime"],
                    help="where the image encoder runs: auto (OpenVINO on CPU when installed, else torch)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the encoder's blocks (torch backend; the first image pays the compilation)")
 
 
 def _add_intensity_args(p: argparse.ArgumentParser) -> None:
@@ -144,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("volume", help="3D stack: TIFF (memory-mapped when possible), .npy or zarr folder")
     emb.add_argument("--axis", type=int, default=0, help="stack axis (default 0)")
     emb.add_argument("--slices", metavar="START:STOP", help="only these slices (Python range, e.g. 10:20)")
-    emb.add_argument("--batch-size", type=int, default=1, help="slices per encoder call")
+    emb.add_argument("--batch-size", type=_batch_size, default="auto",
+                     help="slices per encoder call: auto (1 on CPU; on CUDA what fits in free memory) or N")
     _add_intensity_args(emb)
     _cli_batch.add_scheduler_arg(emb)
     _add_model_args(emb)
@@ -160,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     bench.add_argument("--repeats", type=int, default=1, help="timed runs per measurement (the best is kept)")
     bench.add_argument("--slices", type=int, default=100, help="slices of the cached stack that is reopened")
+    bench.add_argument("--preprocessing", choices=["sam", "medsam"],
+                       help="input convention (default: from the model; medsam = MedSAM's stretched 1024² input)")
     bench.add_argument("--quick", action="store_true", help="skip full int8 (its calibration takes minutes)")
     bench.add_argument("--backends", type=_backend_list, metavar="NAME,...",
                        help="measure only these backends (torch, openvino, onnxruntime); the baseline always runs")
@@ -191,7 +208,7 @@ def _load_engine(args):
     quiet_transformers()
     print(f"loading model {args.model or os.environ.get('NAPARI_SAM_MODEL') or '(default)'} ...", file=sys.stderr)
     return load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
-                      on_progress=lambda message: print(message, file=sys.stderr, flush=True))
+                      compile=getattr(args, "compile", False), on_progress=lambda message: print(message, file=sys.stderr, flush=True))
 
 
 def _intensity(args) -> dict:
@@ -258,8 +275,6 @@ def cmd_segment(args) -> int:
 def cmd_embed(args) -> int:
     from . import api
 
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     data = api.open_volume(args.volume)
     stack = api.Stack(data, axis=args.axis, **_intensity(args))
     indices = _slices(args.slices, len(stack))
@@ -408,7 +423,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             # (batch) or a server that does not start (serve).
             from .api import resolve_runtime
 
-            resolve_runtime(args.device, args.dtype, args.backend)
+            _, backend, _ = resolve_runtime(args.device, args.dtype, args.backend)
+            if getattr(args, "compile", False) and backend != "torch":
+                raise UserError(f"--compile compiles the torch encoder; the backend here is {backend} "
+                                "(add --backend torch)")
         if args.command == "everything":
             return _cli_everything.cmd_everything(
                 args, UserError, _load_engine, _open_cache,

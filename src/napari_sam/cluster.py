@@ -29,16 +29,17 @@ class ModelSettings:
     device: str = "auto"
     dtype: str = "auto"
     backend: str = "auto"
+    compile: bool = False
     cache: str | None = None  # folder; None = the default cache; "" = no cache
 
 
 def worker_engine(settings: ModelSettings):
     """The engine for ``settings``, loaded once per process."""
-    key = (settings.model, settings.device, settings.dtype, settings.backend)
+    key = (settings.model, settings.device, settings.dtype, settings.backend, settings.compile)
     if key not in _ENGINES:
         quiet_transformers(errors_only=False)  # its bar would break into the batch's own
         _ENGINES[key] = load_model(settings.model, device=settings.device, dtype=settings.dtype,
-                                   backend=settings.backend)
+                                   backend=settings.backend, compile=settings.compile)
     return _ENGINES[key]
 
 
@@ -109,7 +110,7 @@ def run_jobs(func: Callable, jobs: Iterable[tuple], *, scheduler: str | None = N
 
 
 def embed_slices(path: str, axis: int, indices: list[int], mapping, settings: ModelSettings,
-                 batch_size: int = 1) -> tuple[int, int]:
+                 batch_size: int | str = "auto") -> tuple[int, int]:
     """Embed ``indices`` of the stack at ``path`` into the shared cache (a worker's job).
 
     The worker opens the file itself (memory-mapped where it can) and uses the intensity

@@ -22,9 +22,9 @@ import numpy as np
 from . import preprocess as pp
 from ._modelstack import guard_triton
 from ._types import ImageEmbedding, IntensityMapping, ModelInputSpec, Prediction, Prompt
-from .backends import (EXPORTED, TorchEncoder, drop_torch_encoder, exported_encoder, resolve_backend,
-                       resolve_precision, torch_dtype)
-from .checkpoints import ModelSource, load_sam_model, resolve_model_source, spec_from_source
+from .backends import (EXPORTED, TorchEncoder, drop_torch_encoder, exported_encoder, mixed_precision,
+                       resolve_backend, resolve_precision, torch_dtype)
+from .checkpoints import ModelSource, load_sam_model, resolve_model_source, spec_from_source, weights_fingerprint
 
 
 # How many prompt sets go through the decoder in one call; bounds peak memory for
@@ -62,28 +62,10 @@ def resolve_device(device: str | Any = "auto"):
     raise ValueError(f"device={device!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
 
 
-def resolve_dtype(dtype: str | Any, device, backend: str = "torch") -> Any:
-    """The torch dtype the model runs in for ``dtype`` on ``device`` (see
+def resolve_dtype(dtype: str | Any, device) -> Any:
+    """The torch dtype of the precision ``dtype`` resolves to on ``device`` with torch (see
     :func:`napari_sam.backends.resolve_precision`; "auto" never picks an emulated path)."""
-    return torch_dtype(resolve_precision(dtype, backend, device))
-
-
-def _weights_fingerprint(model) -> str:
-    """A stable identity of the weights: names, shapes and a sample of every tensor.
-
-    Cheap even for ViT-H (it reads at most 2 MiB per tensor), and it changes whenever a
-    fine-tune changes weights, which is what cache keys need.
-    """
-    import torch
-
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous().float().reshape(-1)
-        h.update(f"{name}:{tuple(tensor.shape)};".encode())
-        n = t.numel()
-        sample = t if n <= 2 * 262144 else torch.cat([t[:262144], t[-262144:]])
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:32]
+    return torch_dtype(resolve_precision(dtype, "torch", device))
 
 
 def load_model(
@@ -95,6 +77,7 @@ def load_model(
     config=None,
     backend: str = "auto",
     on_progress=None,
+    compile: bool = False,
 ) -> "SamEngine":
     """Load a SAM model and return a ready :class:`SamEngine`.
 
@@ -122,6 +105,9 @@ def load_model(
         ``$NAPARI_SAM_ENCODERS`` (under a minute for ViT-L; int8 calibration a few more).
     on_progress : callable(str), optional
         Called with a message for slow one-time steps (exporting the encoder).
+    compile : bool
+        Run each encoder block through ``torch.compile`` (torch backend; opt-in: the first
+        image pays the compilation, and CPU compilation needs a C++ compiler).
 
     Raises
     ------
@@ -132,18 +118,25 @@ def load_model(
     dev = resolve_device(device)  # first: guards triton before any torch import
     kind = resolve_backend(backend, dev)
     precision = resolve_precision(dtype, kind, dev)
+    if compile and kind != "torch":
+        raise ValueError(f"compile=True compiles the torch encoder; backend is {kind!r} (use backend='torch')")
     source = resolve_model_source(model)
     sam = load_sam_model(source, config=config)
     sam.eval()
-    fingerprint = _weights_fingerprint(sam)
+    fingerprint = weights_fingerprint(sam)
     spec = spec_from_source(source, sam, preprocessing)
+    # The torch model runs the decoder, and the encoder on torch: cast to bf16 on CPU; on
+    # CUDA/MPS bf16/fp16 run under autocast with fp32 weights (PyTorch's mixed precision).
+    # An exported encoder's precision is its own, and the decoder stays fp32.
+    mixed = torch_dtype(precision) if kind == "torch" and mixed_precision(dev, precision) else None
+    dt = torch_dtype(precision) if kind == "torch" and mixed is None else torch_dtype("fp32")
     encoder = None
     if kind in EXPORTED:
         encoder = exported_encoder(kind, sam, fingerprint=fingerprint, precision=precision, spec=spec,
                                    say=on_progress)
         drop_torch_encoder(sam, kind)
-    # the torch model runs the decoder (and the encoder on torch): an export's precision is its own
-    dt = torch_dtype(precision) if kind == "torch" else torch_dtype("fp32")
+    else:
+        encoder = TorchEncoder(sam, dev, dt, autocast=mixed, compile=compile)
     sam.to(device=dev, dtype=dt)
     return SamEngine(sam, device=dev, dtype=dt, spec=spec, source=source, fingerprint=fingerprint,
                      encoder=encoder, precision=precision)
@@ -239,6 +232,13 @@ class SamEngine:
     def backend(self) -> str:
         """Where the image encoder runs: ``"torch"``, ``"openvino"`` or ``"onnxruntime"``."""
         return self.encoder.name
+
+    def suggested_batch_size(self) -> int:
+        """Images per encoder call: 1 on CPUs (batching gained nothing measurable) and
+        until one image has been encoded; on CUDA what fits in free memory at the measured
+        bytes per image (:func:`napari_sam.backends.memory_batch_size`, at most 16)."""
+        suggest = getattr(self.encoder, "suggested_batch_size", None)
+        return suggest() if suggest is not None else 1
 
     def __repr__(self) -> str:
         return (

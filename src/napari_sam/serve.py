@@ -177,7 +177,7 @@ def scorer_from_config(config: dict) -> Scorer:
 
     limits = Limits(**config.get("limits", {}))
     engine = load_model(config.get("model"), device=config.get("device", "auto"), dtype=config.get("dtype", "auto"),
-                        backend=config.get("backend", "auto"))
+                        backend=config.get("backend", "auto"), compile=config.get("compile", False))
     cache_dir = config.get("cache")
     cache = EmbeddingCache(cache_dir, memory_bytes=512 * 2**20) if cache_dir else None
     return Scorer(engine, cache, limits)

@@ -149,7 +149,7 @@ class Stack:
         cache: EmbeddingCache,
         indices: Iterable[int] | None = None,
         *,
-        batch_size: int = 1,
+        batch_size: int | str = "auto",
     ) -> Iterator[StackProgress]:
         """Embed slices into ``cache``, yielding progress after each slice.
 
@@ -161,11 +161,15 @@ class Stack:
         ----------
         indices : iterable of int, optional
             Slices to encode (a range, or just the slice on screen); default all.
-        batch_size : int
+        batch_size : int or "auto"
             Slices per encoder call (more uses more memory, may be faster on a GPU).
+            ``"auto"``: :meth:`SamEngine.suggested_batch_size` before each call (1 on CPUs;
+            on CUDA what fits in free memory, measured on the first slice).
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        auto = batch_size == "auto"
+        if not auto and (isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer)
+                         or batch_size < 1):
+            raise ValueError(f"batch_size must be 'auto' or an integer >= 1, got {batch_size!r}")
         order = list(range(len(self))) if indices is None else [int(i) for i in indices]
         for z in order:
             self.index(z)  # validates
@@ -181,7 +185,7 @@ class Stack:
                 yield StackProgress(done, total, z, True)
                 continue
             pending.append((z, image, key))
-            if len(pending) == batch_size:
+            if len(pending) >= (_suggested_batch_size(engine) if auto else batch_size):
                 yield from self._encode_batch(engine, cache, pending, done, total)
                 done += len(pending)
                 pending = []
@@ -202,3 +206,8 @@ class Stack:
         for j, (z, image, key) in enumerate(pending):
             cache.put(key, engine.embedding_from(features[j:j + 1].clone(), self.slice_shape, self.mapping))
             yield StackProgress(done + j + 1, total, z, False)
+
+
+def _suggested_batch_size(engine) -> int:
+    suggest = getattr(engine, "suggested_batch_size", None)  # stand-in engines may lack it
+    return int(suggest()) if suggest is not None else 1
