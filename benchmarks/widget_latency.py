@@ -44,6 +44,8 @@ def main() -> int:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--clicks", type=int, default=20)
     parser.add_argument("--slices", type=int, default=4)
+    parser.add_argument("--fresh-export", action="store_true",
+                        help="an empty $NAPARI_SAM_ENCODERS: the first load exports the encoder")
     parser.add_argument("-o", "--output", help="JSON record")
     args = parser.parse_args()
 
@@ -66,6 +68,8 @@ def main() -> int:
     import os
 
     os.environ.setdefault("NAPARI_SAM_CACHE", str(tmp / "cache"))
+    if args.fresh_export:
+        os.environ["NAPARI_SAM_ENCODERS"] = str(tmp / "encoders")
     from skimage import data
 
     viewer = napari.Viewer(show=True)

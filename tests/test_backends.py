@@ -348,3 +348,38 @@ def test_onnxruntime_engine_cancel_then_runs_again(tiny_sam_dir, encoder_dir):
         next(steps)
         steps.close()
         assert engine.encode_rgb([rgb] * next_size).shape[0] == next_size
+
+
+@pytest.mark.parametrize("backend", EXPORTED)
+def test_export_in_a_child_process(tiny_sam_dir, blob_image, encoder_dir, monkeypatch, backend):
+    """What the widget does: the export runs in a child process; this one only loads it."""
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported in this process")
+
+    monkeypatch.setattr(_openvino, "_convert", no_export)
+    monkeypatch.setattr(_onnxruntime, "_export", no_export)
+    messages = []
+    engine = load(tiny_sam_dir, dtype="fp32", backend=backend, export_in_subprocess=True,
+                  on_progress=messages.append)
+    assert any("Exporting" in m for m in messages)  # forwarded from the child
+    assert engine.encoder.path is not None and engine.encoder.path.parent == encoder_dir
+    ref = load(tiny_sam_dir, dtype="fp32", backend="torch").embed(blob_image).features
+    assert rel_err(engine.embed(blob_image).features, ref) < 1e-5
+
+
+def test_a_failed_child_export_falls_back_and_a_killed_one_is_an_error(tiny_sam_dir, encoder_dir, tmp_path,
+                                                                        monkeypatch, caplog):
+    fails, killed = tmp_path / "fails", tmp_path / "killed"
+    fails.write_text("#!/bin/sh\necho 'Traceback: boom' >&2\nexit 3\n")
+    killed.write_text("#!/bin/sh\nkill -9 $$\n")
+    for script in (fails, killed):
+        script.chmod(0o755)
+    monkeypatch.setattr(_exports.sys, "executable", str(fails))
+    with caplog.at_level(logging.WARNING, logger="napari_sam"):
+        engine = load(tiny_sam_dir, dtype="fp32", backend="openvino", export_in_subprocess=True)
+    assert "failed (exit 3)" in caplog.text and "boom" in caplog.text
+    assert engine.encoder.path is not None  # exported here instead, and cached
+    monkeypatch.setattr(_exports.sys, "executable", str(killed))
+    with pytest.raises(RuntimeError, match="killed .*out of memory"):
+        load(tiny_sam_dir, dtype="int8-weights", backend="openvino", export_in_subprocess=True)

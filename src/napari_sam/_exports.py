@@ -15,6 +15,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -117,7 +119,8 @@ def _sweep_stale(root: Path, older_than_s: float = 6 * 3600) -> None:
 
 def cached_export(identity: str, files: Sequence[str], *, convert: Callable[[Path | None], Any],
                   save: Callable[[Any, Path], None], load: Callable[[Any], Any], directory: Path | None = None,
-                  say: Progress, meta: dict | None = None) -> tuple[Any, Path | None]:
+                  say: Progress, meta: dict | None = None,
+                  elsewhere: Callable[[], None] | None = None) -> tuple[Any, Path | None]:
     """``(load(folder), folder)`` for a verified export of ``identity``, or for a new one:
     ``convert(workdir)`` builds it (``workdir`` is the temporary folder that becomes the
     export, for backends that write files while converting) and ``save(converted,
@@ -126,11 +129,20 @@ def cached_export(identity: str, files: Sequence[str], *, convert: Callable[[Pat
 
     Where the cache folder cannot hold it (read-only, full, not a folder) the result is
     ``(load(converted), None)`` with a warning: it works now and is exported again next
-    time (``convert(None)`` then means "nowhere to write in the cache")."""
+    time (``convert(None)`` then means "nowhere to write in the cache").
+
+    ``elsewhere``: export in another process first (:func:`export_in_child`), so that this
+    one (a GUI) keeps its interpreter lock; this process then loads what it wrote, and
+    converts itself only where that failed."""
     folder = export_folder(identity, directory)
     root = folder.parent
     if read_verified(folder, identity, files) is not None:
         return load(folder), folder
+    if elsewhere is not None:
+        elsewhere()
+        if read_verified(folder, identity, files, quiet=True) is not None:
+            return load(folder), folder
+        log.warning("the export in a separate process left no usable copy in %s; exporting here", root)
     tmp = None
     try:  # a place to write, before minutes of conversion
         root.mkdir(parents=True, exist_ok=True)
@@ -177,6 +189,39 @@ def cached_export(identity: str, files: Sequence[str], *, convert: Callable[[Pat
             shutil.rmtree(tmp, ignore_errors=True)
     say(f"Encoder ready ({time.perf_counter() - started:.0f} s, kept in {folder})")
     return load(folder), folder
+
+
+CHILD_PREFIX = "napari-sam-export: "
+
+
+def export_in_child(request: dict, say: Progress) -> None:
+    """Run ``python -m napari_sam._export_child`` on ``request`` (the :func:`load_model`
+    arguments as plain values) and wait for it, forwarding its progress messages.
+
+    Waiting reads a pipe, which holds no interpreter lock: a GUI in this process stays
+    responsive while the child traces, converts and serialises the encoder. A child that
+    fails is logged (the caller then exports in process); one killed by a signal (out of
+    memory) is an error, since the same export here would die the same way."""
+    try:
+        child = subprocess.Popen([sys.executable, "-m", "napari_sam._export_child"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    except OSError as exc:
+        log.warning("could not start a process for the encoder export (%s)", exc)
+        return
+    child.stdin.write(json.dumps(request))
+    child.stdin.close()
+    tail: list[str] = []
+    for line in child.stderr:
+        if line.startswith(CHILD_PREFIX):
+            say(line[len(CHILD_PREFIX):].rstrip())
+        else:
+            tail = (tail + [line.rstrip()])[-20:]
+    code = child.wait()
+    if code < 0:
+        raise RuntimeError(f"the encoder export was killed (signal {-code}; out of memory?). Free memory, "
+                           "or choose backend='torch'")
+    if code != 0:
+        log.warning("the encoder export in a separate process failed (exit %d): %s", code, " | ".join(tail[-5:]))
 
 
 def embedding_graph(model):

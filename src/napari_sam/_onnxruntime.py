@@ -133,7 +133,7 @@ def _export(model, input_size: int, precision: str, spec, say: Progress, out: Pa
 
 
 def onnxruntime_encoder(model, *, fingerprint: str, precision: str, spec, directory: Path | None = None,
-                        say: Progress | None = None) -> OnnxRuntimeEncoder:
+                        say: Progress | None = None, elsewhere=None) -> OnnxRuntimeEncoder:
     """Export (or read the cached export of) ``model``'s encoder and open an ONNX Runtime
     session on it."""
     import onnxruntime as ort
@@ -157,6 +157,7 @@ def onnxruntime_encoder(model, *, fingerprint: str, precision: str, spec, direct
         session, folder = cached_export(
             identity(model, fingerprint, precision), FILES, convert=convert,
             save=lambda converted, folder: None, load=load, directory=directory, say=say,
+            elsewhere=elsewhere,
             meta={"backend": "onnxruntime", "version": ort.__version__, "input_size": input_size})
     finally:
         for path in scratch:

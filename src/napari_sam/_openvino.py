@@ -105,7 +105,7 @@ def _convert(model, input_size: int, precision: str, spec, say: Progress):
 
 
 def openvino_encoder(model, *, fingerprint: str, precision: str, spec, directory: Path | None = None,
-                     say: Progress | None = None) -> OpenVINOEncoder:
+                     say: Progress | None = None, elsewhere=None) -> OpenVINOEncoder:
     """Export (or read the cached export of) ``model``'s encoder and compile it for the CPU."""
     import openvino as ov
 
@@ -121,6 +121,6 @@ def openvino_encoder(model, *, fingerprint: str, precision: str, spec, directory
         identity(model, fingerprint, precision), FILES,
         convert=lambda workdir: _convert(model, input_size, precision, spec, say),
         save=lambda converted, folder: ov.save_model(converted, str(folder / FILES[0]), compress_to_fp16=False),
-        load=load, directory=directory, say=say,
+        load=load, directory=directory, say=say, elsewhere=elsewhere,
         meta={"backend": "openvino", "version": ov.get_version(), "input_size": input_size})
     return OpenVINOEncoder(compiled, precision, folder)

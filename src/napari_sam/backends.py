@@ -291,16 +291,26 @@ class TorchEncoder:
 
 
 def exported_encoder(backend: str, model, *, fingerprint: str, precision: str, spec,
-                     directory: Path | None = None, say: Progress | None = None):
+                     directory: Path | None = None, say: Progress | None = None, child_request: dict | None = None):
     """The encoder of ``model`` exported to ``backend`` ("openvino" or "onnxruntime"),
-    from the on-disk export cache or exported now (:mod:`napari_sam._exports`)."""
+    from the on-disk export cache or exported now (:mod:`napari_sam._exports`); with
+    ``child_request`` (the load arguments as plain values) a missing export is made in
+    a separate process (:func:`napari_sam._exports.export_in_child`)."""
     if backend == "openvino":
         from ._openvino import openvino_encoder as make
     elif backend == "onnxruntime":
         from ._onnxruntime import onnxruntime_encoder as make
     else:
         raise ValueError(f"backend {backend!r} runs the model's own encoder")
-    return make(model, fingerprint=fingerprint, precision=precision, spec=spec, directory=directory, say=say)
+    elsewhere = None
+    if child_request is not None:
+        from ._exports import export_in_child
+
+        def elsewhere():
+            export_in_child({**child_request, "backend": backend, "dtype": precision},
+                            say or (lambda message: log.info(message)))
+    return make(model, fingerprint=fingerprint, precision=precision, spec=spec, directory=directory, say=say,
+                elsewhere=elsewhere)
 
 
 def drop_torch_encoder(model, backend: str) -> None:

@@ -78,6 +78,7 @@ def load_model(
     backend: str = "auto",
     on_progress=None,
     compile: bool = False,
+    export_in_subprocess: bool = False,
 ) -> "SamEngine":
     """Load a SAM model and return a ready :class:`SamEngine`.
 
@@ -108,6 +109,9 @@ def load_model(
     compile : bool
         Run each encoder block through ``torch.compile`` (torch backend; opt-in: the first
         image pays the compilation, and CPU compilation needs a C++ compiler).
+    export_in_subprocess : bool
+        Make a missing OpenVINO/ONNX export in a child process (the widget does: tracing
+        and serialising hold Python's interpreter lock for up to 0.7 s at a time).
 
     Raises
     ------
@@ -132,8 +136,10 @@ def load_model(
     dt = torch_dtype(precision) if kind == "torch" and mixed is None else torch_dtype("fp32")
     encoder = None
     if kind in EXPORTED:
+        plain = config is None and (preprocessing is None or isinstance(preprocessing, str))
+        request = {"model": None if model is None else str(model), "preprocessing": preprocessing}
         encoder = exported_encoder(kind, sam, fingerprint=fingerprint, precision=precision, spec=spec,
-                                   say=on_progress)
+                                   say=on_progress, child_request=request if export_in_subprocess and plain else None)
         drop_torch_encoder(sam, kind)
     else:
         encoder = TorchEncoder(sam, dev, dt, autocast=mixed, compile=compile)
