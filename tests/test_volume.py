@@ -137,3 +137,62 @@ def test_bad_indices_and_batch(volume, tiny_engine, tmp_path):
         list(stack.encode(tiny_engine, EmbeddingCache(tmp_path), indices=[9]))
     with pytest.raises(ValueError, match="batch_size"):
         list(stack.encode(tiny_engine, EmbeddingCache(tmp_path), batch_size=0))
+
+
+def test_disk_writes_overlap_the_next_encode_and_are_flushed(volume, torch_engine, tmp_path, monkeypatch):
+    """Slice z's write runs while slice z+1 encodes (the write waits for that encode to
+    start: without the overlap this would time out), and all are on disk at the end."""
+    import threading
+
+    cache = EmbeddingCache(tmp_path, memory_bytes=0)  # reads of pending slices come from the writer's queue
+    real_write, real_steps = cache._write, torch_engine.encode_steps
+    started, events = threading.Event(), []
+
+    def write(key, embedding):
+        assert started.wait(30), "the next slice did not start encoding while this one was written"
+        events.append("write")
+        real_write(key, embedding)
+
+    def encode_steps(images):
+        events.append("encode")
+        started.set() if events.count("encode") > 1 else None
+        return real_steps(images)
+
+    monkeypatch.setattr(cache, "_write", write)
+    monkeypatch.setattr(torch_engine, "encode_steps", encode_steps)
+    stack = Stack(volume)
+    steps = stack.encode(torch_engine, cache, range(3), batch_size=1)
+    first = next(p for p in steps if p.fraction == 1.0)
+    assert cache.get(stack.key(first.index, torch_engine), torch_engine) is not None  # pending, still readable
+    rest = list(steps)
+    assert [p.index for p in rest if p.fraction == 1.0] == [1, 2]
+    assert events.index("write") > events.index("encode", 1)  # the first write finished after encode 2 began
+    fresh = EmbeddingCache(tmp_path)
+    assert all(fresh._path(stack.key(z, torch_engine)).exists() for z in range(3))
+
+
+def test_a_cancelled_encode_still_writes_what_it_encoded(volume, torch_engine, tmp_path):
+    cache = EmbeddingCache(tmp_path)
+    stack = Stack(volume)
+    steps = stack.encode(torch_engine, cache, batch_size=1)
+    done = []
+    for p in steps:
+        if p.fraction == 1.0:
+            done.append(p.index)
+        if len(done) == 2:
+            steps.close()  # cancel: the second slice's write may still be running
+            break
+    assert done == [0, 1]
+    fresh = EmbeddingCache(tmp_path)
+    assert fresh._path(stack.key(0, torch_engine)).exists() and fresh._path(stack.key(1, torch_engine)).exists()
+
+
+def test_a_failing_background_write_is_raised(volume, torch_engine, tmp_path, monkeypatch):
+    cache = EmbeddingCache(tmp_path)
+
+    def broken(key, embedding):
+        raise ValueError("broken write")
+
+    monkeypatch.setattr(cache, "_write", broken)
+    with pytest.raises(ValueError, match="broken write"):
+        list(Stack(volume).encode(torch_engine, cache, range(2), batch_size=1))

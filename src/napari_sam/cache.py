@@ -113,6 +113,9 @@ class EmbeddingCache:
         self._lock = threading.RLock()  # the widget reads from the GUI thread while workers write
         self.hits = self.misses = self.corrupt = self.unreadable = 0
         self._warned = False
+        self._pending: dict[str, ImageEmbedding] = {}  # written in the background, not yet on disk
+        self._writes: list = []
+        self._writer = None
 
     # --- keys and paths ---------------------------------------------------------------
 
@@ -153,6 +156,10 @@ class EmbeddingCache:
                 self._memory.move_to_end(key)
                 self.hits += 1
                 return emb
+            emb = self._pending.get(key)
+            if emb is not None:
+                self.hits += 1
+                return emb
         if self.directory is not None:
             emb = self._read(key, engine)
             if emb is not None:
@@ -162,18 +169,52 @@ class EmbeddingCache:
         self.misses += 1
         return None
 
-    def put(self, key: str, embedding: ImageEmbedding) -> None:
+    def put(self, key: str, embedding: ImageEmbedding, *, wait: bool = True) -> None:
         """Store ``embedding`` in memory and (atomically) on disk.
 
         The disk store is an optimisation: when it cannot be written (read-only folder,
-        full disk, permissions) one ``CacheWarning`` says so and the work goes on."""
+        full disk, permissions) one ``CacheWarning`` says so and the work goes on.
+        ``wait=False`` writes on the cache's writer thread (one write at a time, in
+        order) while the caller goes on, e.g. encoding the next slice; the entry can be
+        read at once, and :meth:`flush` waits until it is on disk."""
         self._remember(key, embedding)
-        if self.directory is not None and not self._path(key).exists():
-            try:
-                self._write(key, embedding)
-            except OSError as exc:
-                self._warn_once(f"embedding cache {self.directory} cannot be written ({exc}); "
-                                "embeddings are kept in memory only")
+        if self.directory is None or self._path(key).exists():
+            return
+        if wait:
+            self._write_or_warn(key, embedding)
+            return
+        with self._lock:
+            self._pending[key] = embedding
+            if self._writer is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                # not a daemon: writes still running when Python exits are finished
+                self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-sam-cache-writer")
+            self._writes.append(self._writer.submit(self._write_pending, key, embedding))
+
+    def flush(self, keep: int = 0) -> None:
+        """Wait for background writes until at most ``keep`` are still running; an
+        unexpected error in one of them is raised here."""
+        while True:
+            with self._lock:
+                if len(self._writes) <= keep:
+                    return
+                oldest = self._writes.pop(0)
+            oldest.result()
+
+    def _write_pending(self, key: str, embedding: ImageEmbedding) -> None:
+        try:
+            self._write_or_warn(key, embedding)
+        finally:
+            with self._lock:
+                self._pending.pop(key, None)
+
+    def _write_or_warn(self, key: str, embedding: ImageEmbedding) -> None:
+        try:
+            self._write(key, embedding)
+        except OSError as exc:
+            self._warn_once(f"embedding cache {self.directory} cannot be written ({exc}); "
+                            "embeddings are kept in memory only")
 
     def _warn_once(self, message: str) -> None:
         if not self._warned:
@@ -182,7 +223,8 @@ class EmbeddingCache:
 
     def contains(self, key: str) -> bool:
         """Whether ``key`` is present (memory or disk), without verifying or loading it."""
-        return key in self._memory or (self.directory is not None and self._path(key).exists())
+        return (key in self._memory or key in self._pending
+                or (self.directory is not None and self._path(key).exists()))
 
     # --- disk -------------------------------------------------------------------------
 

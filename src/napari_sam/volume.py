@@ -155,7 +155,9 @@ class Stack:
 
         Only slices not yet cached are encoded, ``batch_size`` at a time; stop iterating
         to cancel (what is done stays cached, so a later run resumes). Embeddings are not
-        kept by the generator: memory does not grow with the number of slices.
+        kept by the generator: memory does not grow with the number of slices. Each
+        batch's disk writes run while the next batch encodes; when the generator ends
+        (finished, failed or cancelled) every encoded slice is on disk.
 
         Parameters
         ----------
@@ -177,20 +179,23 @@ class Stack:
         model_key = engine_cache_key(engine)
         done = 0
         pending: list[tuple[int, np.ndarray, str]] = []
-        for z in order:
-            image = self[z]
-            key = slice_key(image, model_key, self.mapping)
-            if cache.get(key, engine) is not None:
-                done += 1
-                yield StackProgress(done, total, z, True)
-                continue
-            pending.append((z, image, key))
-            if len(pending) >= (_suggested_batch_size(engine) if auto else batch_size):
+        try:
+            for z in order:
+                image = self[z]
+                key = slice_key(image, model_key, self.mapping)
+                if cache.get(key, engine) is not None:
+                    done += 1
+                    yield StackProgress(done, total, z, True)
+                    continue
+                pending.append((z, image, key))
+                if len(pending) >= (_suggested_batch_size(engine) if auto else batch_size):
+                    yield from self._encode_batch(engine, cache, pending, done, total)
+                    done += len(pending)
+                    pending = []
+            if pending:
                 yield from self._encode_batch(engine, cache, pending, done, total)
-                done += len(pending)
-                pending = []
-        if pending:
-            yield from self._encode_batch(engine, cache, pending, done, total)
+        finally:
+            cache.flush()  # finished, failed or cancelled: what was encoded is on disk
 
     def _encode_batch(self, engine, cache, pending, done, total):
         rgbs = [pp.to_rgb_uint8(image, self.mapping) for _, image, _ in pending]
@@ -203,8 +208,12 @@ class Stack:
                 break
             if step < of:
                 yield StackProgress(done, total, pending[0][0], False, step / of)
+        # Disk writes run on the cache's writer thread while the next batch encodes; the
+        # previous batch's writes are waited for here, so at most two batches are in flight.
+        cache.flush(keep=0)
         for j, (z, image, key) in enumerate(pending):
-            cache.put(key, engine.embedding_from(features[j:j + 1].clone(), self.slice_shape, self.mapping))
+            cache.put(key, engine.embedding_from(features[j:j + 1].clone(), self.slice_shape, self.mapping),
+                      wait=False)
             yield StackProgress(done + j + 1, total, z, False)
 
 
