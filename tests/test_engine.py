@@ -384,3 +384,54 @@ def test_stepwise_encoder_equals_transformers_and_reports_progress(torch_engine,
     steps = tiny_engine.embed_steps(blob_image)
     next(steps)
     steps.close()
+
+
+@pytest.fixture(scope="module")
+def mask_engine(tmp_path_factory):
+    """The tiny model with Meta's 16 mask-input channels: with the tiny config's 4 the mask
+    path has one channel, which LayerNorm turns into a constant (every mask_input alike)."""
+    from conftest import tiny_sam_config
+    from transformers import SamModel
+
+    import napari_sam
+
+    config = tiny_sam_config()
+    config.prompt_encoder_config.mask_input_channels = 16
+    torch.manual_seed(3)
+    folder = tmp_path_factory.mktemp("mask16")
+    SamModel(config).save_pretrained(folder)
+    return napari_sam.load_model(folder, device="cpu", dtype="fp32", backend="torch")
+
+
+@pytest.mark.parametrize("multimask", [False, True], ids=["single", "multimask"])
+def test_decoder_logits_equal_samodel_on_the_same_embedding(mask_engine, blob_image, multimask):
+    """predict_batch runs transformers' prompt encoder and SAM's decoder without copying the
+    image embedding per prompt: the low-res logits and scores are SamModel's own."""
+    from napari_sam._types import Prompt
+
+    engine = mask_engine
+    emb = engine.embed(blob_image)
+    first = engine.predict(emb, points=[[60, 70]])
+    prompts = [Prompt(points=[[60, 70]]), Prompt(points=[[120, 170]]),  # one group of two
+               Prompt(points=[[60, 70], [10, 10]], point_labels=[1, 0]),
+               Prompt(box=[30, 30, 90, 110]), Prompt(points=[[60, 70]], box=[30, 30, 90, 110]),
+               Prompt(points=[[60, 70]], mask_input=first.logits[0]),
+               Prompt(points=[[90, 90]], mask_input=np.random.default_rng(1).normal(0, 20, first.logits[0].shape))]
+    got = engine.predict_batch(emb, prompts, multimask=multimask)
+    size = blob_image.shape
+    for prompt, pred in zip(prompts, got):
+        kwargs = {}
+        if prompt.points is not None:
+            xy = pp.points_to_model(np.asarray(prompt.points, float), size, engine.spec)
+            kwargs["input_points"] = torch.from_numpy(xy[None, None])
+            labels = prompt.point_labels if prompt.point_labels is not None else [1] * len(prompt.points)
+            kwargs["input_labels"] = torch.tensor([[labels]])
+        if prompt.box is not None:
+            kwargs["input_boxes"] = torch.from_numpy(pp.box_to_model(np.asarray(prompt.box, float), size,
+                                                                     engine.spec)[None, None])
+        if prompt.mask_input is not None:
+            kwargs["input_masks"] = torch.from_numpy(np.asarray(prompt.mask_input, np.float32)[None, None])
+        with torch.inference_mode():
+            out = engine.model(image_embeddings=emb.features, multimask_output=multimask, **kwargs)
+        np.testing.assert_allclose(pred.logits, out.pred_masks[0, 0].numpy(), atol=1e-5)
+        np.testing.assert_allclose(pred.scores, out.iou_scores[0, 0].numpy(), atol=1e-5)

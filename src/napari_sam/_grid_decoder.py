@@ -125,46 +125,65 @@ def decode_points(model, features: torch.Tensor, coords_xy: torch.Tensor, *, mul
     """
     n = coords_xy.shape[0]
     device = features.device
-    dtype = features.dtype
     sparse, dense = model.prompt_encoder(
         input_points=coords_xy.reshape(1, n, 1, 2).to(device),
         input_labels=torch.ones((1, n, 1), dtype=torch.int64, device=device),
         input_boxes=None, input_masks=None,
     )
+    return decode_prompts(model, features, sparse[0], dense[:1], multimask=multimask, min_score=min_score,
+                          chunk=chunk)
+
+
+def decode_prompts(model, features: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor, *,
+                   multimask: bool = True, min_score: float | None = None, chunk: int | None = None):
+    """SAM's mask decoder for N prompt sets on one image embedding: what
+    ``SamModel(image_embeddings=..., input_points/boxes/masks=...)`` computes after its
+    prompt encoder, without copying the image embedding per prompt.
+
+    ``sparse`` (N, T, C): the prompt encoder's tokens, one row per prompt set. ``dense``
+    (1, C, h, w) when the prompts have no mask input (the image side of the first block
+    is then projected once for all of them), else (N, C, h, w). Returns as
+    :func:`decode_points`."""
+    n = sparse.shape[0]
+    device = features.device
+    dtype = features.dtype
     dec = model.mask_decoder
     pe = model.get_image_wide_positional_embeddings().to(dtype)  # (1, C, h, w)
     _, c, hh, ww = features.shape
-    # contiguous (1, S, C): strided image tokens make every later add several times slower
-    keys = (features + dense[:1].to(dtype)).flatten(2).transpose(1, 2).contiguous()
-    key_pe = pe.flatten(2).transpose(1, 2).contiguous()
-    first_layer = dec.transformer.layers[0]
-    k_in = keys + key_pe
-    t2i, i2t = first_layer.cross_attn_token_to_image, first_layer.cross_attn_image_to_token
-    # The first block's image side is the same for every prompt: project it once.
-    pre = (_heads(t2i.k_proj(k_in), t2i.num_attention_heads), _heads(t2i.v_proj(keys), t2i.num_attention_heads),
-           _heads(i2t.q_proj(k_in), i2t.num_attention_heads))
-    out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0).to(dtype)
-    tokens = torch.cat([out_tokens.expand(n, -1, -1), sparse[0].to(dtype)], dim=1)  # (N, T, C)
-    lows, scores, which = [], [], []
     if n == 0:
         return (torch.zeros((0, 4 * hh, 4 * ww), device=device), torch.zeros(0, device=device),
                 torch.zeros(0, dtype=torch.int64, device=device))
+    # contiguous (1 or N, S, C): strided image tokens make every later add several times slower
+    keys = (features + dense.to(dtype)).flatten(2).transpose(1, 2).contiguous()
+    key_pe = pe.flatten(2).transpose(1, 2).contiguous()
+    pre = k_in = None
+    shared = keys.shape[0] == 1
+    if shared:  # the first block's image side is the same for every prompt: project it once
+        first_layer = dec.transformer.layers[0]
+        k_in = keys + key_pe
+        t2i, i2t = first_layer.cross_attn_token_to_image, first_layer.cross_attn_image_to_token
+        pre = (_heads(t2i.k_proj(k_in), t2i.num_attention_heads), _heads(t2i.v_proj(keys), t2i.num_attention_heads),
+               _heads(i2t.q_proj(k_in), i2t.num_attention_heads))
+    out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0).to(dtype)
+    tokens = torch.cat([out_tokens.expand(n, -1, -1), sparse.to(dtype)], dim=1)  # (N, T, C)
+    lows, scores, which = [], [], []
     if chunk is None:  # CPUs: small chunks stay in cache; accelerators want the whole batch
         chunk = CHUNK if device.type == "cpu" else n
-    for start in range(0, n, max(1, int(chunk))):
-        low, sc, idx = _decode_chunk(dec, tokens[start:start + chunk], keys, key_pe, k_in, pre,
-                                     (c, hh, ww), multimask, min_score)
+    step = max(1, int(chunk))
+    for start in range(0, n, step):
+        chunk_keys = keys if shared else keys[start:start + step]
+        low, sc, idx = _decode_chunk(dec, tokens[start:start + step], chunk_keys, key_pe, k_in, pre,
+                                     (c, hh, ww), multimask, min_score, shared)
         lows.append(low)
         scores.append(sc)
         which.append(idx + start)
     return torch.cat(lows), torch.cat(scores), torch.cat(which)
 
 
-def _decode_chunk(dec, tokens, keys, key_pe, k_in, pre, shape, multimask, min_score):
+def _decode_chunk(dec, tokens, keys, key_pe, k_in, pre, shape, multimask, min_score, shared):
     c, hh, ww = shape
     query_pe = tokens
     queries = tokens
-    shared = True
     for layer in dec.transformer.layers:
         if layer.skip_first_layer_pe:
             queries = _self_attention(layer.self_attn, queries, queries, queries)
