@@ -383,3 +383,19 @@ def test_a_failed_child_export_falls_back_and_a_killed_one_is_an_error(tiny_sam_
     monkeypatch.setattr(_exports.sys, "executable", str(killed))
     with pytest.raises(RuntimeError, match="killed .*out of memory"):
         load(tiny_sam_dir, dtype="int8-weights", backend="openvino", export_in_subprocess=True)
+
+
+def test_onnx_export_routes_are_the_same_function_and_kept_apart(tiny_sam_dir, blob_image, encoder_dir,
+                                                                 monkeypatch):
+    """torch.export-based (with onnxscript) and the older tracing exporter give the same
+    encoder; their exports are cached under different identities."""
+    ref = load(tiny_sam_dir, dtype="fp32", backend="torch").embed(blob_image).features
+    routes = {}
+    for route in ("dynamo", "torchscript"):
+        if route == "dynamo" and _onnxruntime.exporter() != "dynamo":
+            continue  # onnxscript is not installed here
+        monkeypatch.setattr(_onnxruntime, "exporter", lambda route=route: route)
+        engine = load(tiny_sam_dir, dtype="fp32", backend="onnxruntime")
+        assert rel_err(engine.embed(blob_image).features, ref) < 1e-5
+        routes[route] = engine.encoder.path
+    assert len(set(routes.values())) == len(routes)

@@ -10,6 +10,7 @@ that does not match is damage: a warning, and the caller exports again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -208,8 +209,12 @@ def export_in_child(request: dict, say: Progress) -> None:
     except OSError as exc:
         log.warning("could not start a process for the encoder export (%s)", exc)
         return
-    child.stdin.write(json.dumps(request))
-    child.stdin.close()
+    try:
+        child.stdin.write(json.dumps(request))
+    except BrokenPipeError:
+        pass  # it ended before reading: its exit code and stderr say why
+    with contextlib.suppress(BrokenPipeError):
+        child.stdin.close()
     tail: list[str] = []
     for line in child.stderr:
         if line.startswith(CHILD_PREFIX):
