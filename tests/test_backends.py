@@ -98,6 +98,8 @@ def test_export_is_cached_and_reused(tiny_sam_dir, encoder_dir, monkeypatch, bac
     manifest = json.loads((folder / "manifest.json").read_text())
     assert set(manifest["files"]) == set(MODULES[backend].FILES)
     assert sorted(p.name for p in folder.iterdir()) == sorted([*MODULES[backend].FILES, "manifest.json"])
+    # readable by the other users of a shared cache (a writer once left the weights 0600)
+    assert {oct(p.stat().st_mode & 0o777) for p in folder.iterdir() if p.is_file()} == {"0o644"}
 
     def no_export(*args, **kwargs):
         raise AssertionError("exported again although a verified export is cached")
@@ -287,6 +289,10 @@ def test_key_path_taken_by_a_file_and_stale_temporaries(tiny_sam_dir, encoder_di
     again = load(tiny_sam_dir, dtype="fp32", backend="openvino")
     assert again.encoder.path == folder and folder.is_dir()
     assert not stale.exists() and fresh.exists()  # a running export's folder is left alone
+    shutil.rmtree(folder)
+    folder.symlink_to(encoder_dir / "nowhere")  # a dangling link where the export goes
+    again = load(tiny_sam_dir, dtype="fp32", backend="openvino")
+    assert again.encoder.path == folder and folder.is_dir() and not folder.is_symlink()
 
 
 def test_another_encoder_configuration_is_another_export(tiny_sam_dir, tmp_path, encoder_dir):
@@ -399,3 +405,29 @@ def test_onnx_export_routes_are_the_same_function_and_kept_apart(tiny_sam_dir, b
         assert rel_err(engine.embed(blob_image).features, ref) < 1e-5
         routes[route] = engine.encoder.path
     assert len(set(routes.values())) == len(routes)
+
+
+def test_no_space_anywhere_is_one_error_and_a_full_cache_exports_elsewhere(tiny_sam_dir, blob_image, encoder_dir,
+                                                                            monkeypatch, caplog):
+    import errno
+
+    real, calls = _onnxruntime._export, []
+
+    def full_cache(model, input_size, precision, spec, say, out):
+        calls.append(out)
+        if len(calls) == 1:  # the cache folder fills up; the private temporary folder has room
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(model, input_size, precision, spec, say, out)
+
+    monkeypatch.setattr(_onnxruntime, "_export", full_cache)
+    with caplog.at_level(logging.WARNING, logger="napari_sam"):
+        engine = load(tiny_sam_dir, dtype="fp32", backend="onnxruntime")
+    assert "could not write the exported encoder" in caplog.text and engine.encoder.path is None
+    assert not [p for p in encoder_dir.iterdir()]  # the failed attempt's folder is gone
+
+    def no_space(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_onnxruntime, "_export", no_space)
+    with pytest.raises(napari_sam.api.ExportError, match="No space left on device.*free space"):
+        load(tiny_sam_dir, dtype="fp32", backend="onnxruntime")

@@ -205,6 +205,7 @@ def test_segment_volume_with_propagation(tiny_sam_dir, volume_file, tmp_path, ti
         (["embed", "{vol}", "--batch-size", "0"], "--batch-size"),
         (["embed", "{vol}", "--batch-size", "many"], "--batch-size"),
         (["embed", "{vol}", "--compile", "--backend", "onnxruntime"], "--compile compiles the torch encoder"),
+        (["embed", "{vol}", "--no-cache"], "cannot run with --no-cache"),
         (["embed", "missing.tif"], "volume not found"),
     ],
 )
@@ -215,6 +216,13 @@ def test_volume_user_errors(args, message, volume_file, image_file, tmp_path, ti
     assert res.returncode == 2, res.stderr
     lines = [line for line in res.stderr.splitlines() if "error:" in line]
     assert len(lines) == 1 and message in lines[0], res.stderr
+    assert "loading model" not in res.stderr  # refused before minutes of loading
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "http"])
+def test_serve_port_out_of_range_is_a_usage_error(port):
+    res = run_cli("serve", "--port", port)
+    assert res.returncode == 2 and "1 to 65535" in res.stderr and "Traceback" not in res.stderr
 
 
 @pytest.mark.parametrize(

@@ -59,11 +59,46 @@ def test_compiled_blocks_equal_eager_and_compile_once_per_block_kind(torch_engin
     again = drain(compiled.encode_steps(pixels))
     assert counters["stats"]["unique_graphs"] == graphs  # no recompilation on the next image
     assert rel_err(again, first) < 1e-6
+    # Other batch sizes: one more graph per block kind, dynamic in the batch (dynamo keeps
+    # size 1 apart), then none: each size recompiling would pass dynamo's recompile limit
+    # after a few sizes, and from then on the blocks would silently run uncompiled.
+    sizes = iter((3, 2, 5, 7, 4))
+    for i, size in enumerate(sizes):
+        batch = drain(compiled.encode_steps(np.concatenate([pixels] * size)))
+        assert rel_err(batch[-1:], first) < 1e-4
+        if i == 0:
+            dynamic = counters["stats"]["unique_graphs"]
+            assert dynamic <= 2 * graphs
+    assert counters["stats"]["unique_graphs"] == dynamic
 
 
 def test_compile_is_refused_for_exported_backends(tiny_sam_dir):
     with pytest.raises(ValueError, match="compile=True compiles the torch encoder"):
         napari_sam.load_model(tiny_sam_dir, device="cpu", backend="onnxruntime", compile=True)
+
+
+def test_compile_without_a_cpp_compiler_is_one_line_before_any_work(tiny_sam_dir, tmp_path, monkeypatch):
+    from test_cli import run_cli
+
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    with pytest.raises(ValueError, match="needs a C.. compiler"):
+        napari_sam.load_model(tiny_sam_dir, device="cpu", backend="torch", compile=True)
+    image = tmp_path / "a.tif"
+    import tifffile
+
+    tifffile.imwrite(image, np.zeros((32, 32), np.uint8))
+    res = run_cli("segment", str(image), "--point", "5,5", "-o", str(tmp_path / "o.tif"), "--model",
+                  str(tiny_sam_dir), "--backend", "torch", "--compile", env_extra={"CXX": "/nonexistent/g++"})
+    assert res.returncode == 2 and "C++ compiler" in res.stderr and "Traceback" not in res.stderr
+    assert "loading model" not in res.stderr
+
+
+def test_a_cpu_only_backend_on_auto_device_means_the_cpu(monkeypatch):
+    from napari_sam.api import resolve_runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_runtime("auto", "fp32", "onnxruntime") == ("cpu", "onnxruntime", "fp32")
+    assert resolve_runtime("auto", "fp32", "torch")[0] == "cuda"
 
 
 class FakeMemory:
@@ -135,3 +170,6 @@ def test_stack_encode_auto_uses_the_engines_suggestion(torch_engine, tmp_path, m
     assert [p.index for p in steps if p.fraction == 1.0] == list(range(5))
     with pytest.raises(ValueError, match="batch_size must be 'auto' or an integer"):
         list(Stack(volume).encode(torch_engine, EmbeddingCache(tmp_path), batch_size="2"))
+    calls.clear()
+    list(Stack(volume[:3]).encode(torch_engine, EmbeddingCache(tmp_path / "b"), batch_size="AUTO"))
+    assert calls == [2, 1]

@@ -9,6 +9,16 @@ import sys
 from pathlib import Path
 
 
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: a port is a whole number from 1 to 65535")
+    return port
+
 def _limit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-urls", action="store_true",
                    help="fetch images given as http(s) URLs (off by default: the scorer then reads no network)")
@@ -34,7 +44,7 @@ def add_parsers(sub, add_model_args, add_cache_args) -> None:
     serve = sub.add_parser("serve", help="HTTP scoring server in the Azure ML SAM schema (needs the serve extra)")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 for all)")
-    serve.add_argument("--port", type=int, default=5001)
+    serve.add_argument("--port", type=_port, default=5001, help="TCP port, 1-65535 (default 5001)")
     serve.add_argument("--workers", type=int, default=1, help="worker processes, each with its own model")
     serve.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body (MiB)")
     serve.add_argument("--cache", metavar="DIR",

@@ -36,6 +36,10 @@ POLL_MS = 50
 Progress = Callable[[str], None]
 
 
+class ExportError(RuntimeError):
+    """The encoder could not be exported (no space anywhere, the export process killed)."""
+
+
 def default_encoder_dir() -> Path:
     """``$NAPARI_SAM_ENCODERS``, else ``encoders`` in the platform's user cache folder."""
     env = os.environ.get(ENCODERS_ENV)
@@ -154,28 +158,39 @@ def cached_export(identity: str, files: Sequence[str], *, convert: Callable[[Pat
         log.warning("cannot keep the exported encoder in %s (%s; set $%s to a writable folder): "
                     "it is exported again each time", root, exc, ENCODERS_ENV)
     started = time.perf_counter()
+
+    def elsewhere_or_fail():  # nowhere in the cache: convert into a private temporary folder
+        try:
+            return load(convert(None)), None
+        except OSError as exc:
+            raise ExportError(f"cannot export the image encoder: {exc.strerror or exc} (free space in "
+                               f"{tempfile.gettempdir()} or ${ENCODERS_ENV}, or use backend='torch')") from exc
+
     try:
         if tmp is None:
-            return load(convert(None)), None
+            return elsewhere_or_fail()
         try:
             converted = convert(tmp)
         except OSError as exc:  # the cache filled up while converting: convert elsewhere
             log.warning("could not write the exported encoder to %s (%s): it is exported again next time",
                         root, exc)
-            return load(convert(None)), None
+            shutil.rmtree(tmp, ignore_errors=True)  # free what the failed attempt wrote first
+            return elsewhere_or_fail()
         try:
             save(converted, tmp)
             listed = {}
             for name in files:
                 path = tmp / name
+                os.chmod(path, 0o644)  # some writers create 0600: a shared cache stays readable
                 with open(path, "rb+") as f:
                     os.fsync(f.fileno())
                 listed[name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
             manifest = {"format": FORMAT_VERSION, "identity": identity, **(meta or {}), "files": listed,
                         "export_seconds": round(time.perf_counter() - started, 1)}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-            if folder.exists() and read_verified(folder, identity, files, quiet=True) is None:
-                _remove(folder)  # damaged, or not a folder at all
+            if (folder.is_symlink() or folder.exists()) and read_verified(folder, identity, files,
+                                                                          quiet=True) is None:
+                _remove(folder)  # damaged, not a folder at all, or a dangling link
             try:
                 os.replace(tmp, folder)
             except OSError:  # another process finished the same export first: use that one
@@ -223,8 +238,8 @@ def export_in_child(request: dict, say: Progress) -> None:
             tail = (tail + [line.rstrip()])[-20:]
     code = child.wait()
     if code < 0:
-        raise RuntimeError(f"the encoder export was killed (signal {-code}; out of memory?). Free memory, "
-                           "or choose backend='torch'")
+        raise ExportError(f"the encoder export was killed (signal {-code}; out of memory?). Free memory, "
+                          "or choose backend='torch'")
     if code != 0:
         log.warning("the encoder export in a separate process failed (exit %d): %s", code, " | ".join(tail[-5:]))
 

@@ -171,3 +171,57 @@ def parse_literal(text: str):
         return ast.literal_eval(text.strip())
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
         raise ValueError(str(exc) if isinstance(exc, ValueError) else type(exc).__name__) from None
+
+
+def checked_points(points, labels, original_size) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
+    """Points ``(N, 2)`` ``(row, col)`` and labels (1/0) as arrays, checked against the
+    image size; every problem is a ValueError that names it."""
+    if points is None:
+        if labels is not None:
+            raise ValueError("point_labels given without points")
+        return None, None
+    pts = np.asarray(points, dtype=np.float64)
+    if pts.ndim == 1 and pts.size == 2:
+        pts = pts[None]
+    if pts.ndim != 2 or pts.shape[1] != 2:
+        raise ValueError(f"points must have shape (N, 2) as (row, col); got {pts.shape}")
+    if len(pts) == 0:
+        raise ValueError("points is empty; pass None for no points")
+    if not np.all(np.isfinite(pts)):
+        raise ValueError("points contain NaN or infinite coordinates")
+    h, w = original_size
+    outside = (pts[:, 0] < -0.5) | (pts[:, 0] > h - 0.5) | (pts[:, 1] < -0.5) | (pts[:, 1] > w - 0.5)
+    if outside.any():
+        raise ValueError(
+            f"points {pts[outside].tolist()} lie outside the image of shape {(h, w)} "
+            "(coordinates are (row, col) in pixels)"
+        )
+    if labels is None:
+        lab = np.ones(len(pts), np.int64)
+    else:
+        lab = np.asarray(labels).astype(np.int64).reshape(-1)
+        if len(lab) != len(pts):
+            raise ValueError(
+                f"point_labels has {len(lab)} entries but points has {len(pts)}; give one label per point"
+            )
+        if not np.all(np.isin(lab, (0, 1))):
+            raise ValueError(f"point_labels must be 1 (positive) or 0 (negative); got {sorted(set(lab.tolist()))}")
+    return pts, lab
+
+
+def checked_box(box, original_size) -> np.ndarray | None:
+    """A box ``(row_min, col_min, row_max, col_max)`` checked and clipped to the image."""
+    if box is None:
+        return None
+    b = np.asarray(box, dtype=np.float64).reshape(-1)
+    if b.shape != (4,):
+        raise ValueError(f"box must be (row_min, col_min, row_max, col_max); got shape {np.shape(box)}")
+    if not np.all(np.isfinite(b)):
+        raise ValueError(f"box contains NaN or infinite values: {b.tolist()}")
+    if b[0] > b[2] or b[1] > b[3]:
+        raise ValueError(f"box has min > max: {b.tolist()} (expected row_min <= row_max, col_min <= col_max)")
+    h, w = original_size
+    if b[2] < -0.5 or b[3] < -0.5 or b[0] > h - 0.5 or b[1] > w - 0.5:
+        raise ValueError(f"box {b.tolist()} lies entirely outside the image of shape {(h, w)}")
+    # A box that overhangs the border (a drag past the edge) means "up to the edge".
+    return np.clip(b, [-0.5, -0.5, -0.5, -0.5], [h - 0.5, w - 0.5, h - 0.5, w - 0.5])

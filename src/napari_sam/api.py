@@ -26,6 +26,7 @@ from ._fileio import atomic_write, storable_labels
 from .autosave import Autosave, image_key
 from .cache import CacheStats, EmbeddingCache
 from .checkpoints import DEFAULT_MODEL, MODEL_ENV, ModelNotFoundError, hub_cache_path, resolve_model_source
+from ._exports import ExportError
 from .engine import SamEngine, load_model
 from .automatic import (
     segment_everything, segment_everything_steps, segment_everything_volume, segment_everything_volume_steps,
@@ -36,8 +37,8 @@ from .volume import Stack, StackProgress, embed_cached, embed_cached_steps
 
 __all__ = [
     # models
-    "DEFAULT_MODEL", "MODEL_ENV", "ModelNotFoundError", "SamEngine", "load_model", "model_status",
-    "ModelStatus", "resolve_device_dtype", "resolve_runtime", "resolve_intensity",
+    "DEFAULT_MODEL", "MODEL_ENV", "ModelNotFoundError", "ExportError", "SamEngine", "load_model", "model_status",
+    "ModelStatus", "resolve_device_dtype", "resolve_runtime", "check_compile", "resolve_intensity",
     # embeddings and the persistent cache
     "EmbeddingCache", "CacheStats", "embed_cached", "embed_cached_steps", "embedding_key",
     # labels kept safe as they are committed
@@ -73,6 +74,16 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[str
     return dev, str(torch_dtype(precision)).replace("torch.", "")
 
 
+def check_compile(device: str) -> None:
+    """Raise ValueError when ``torch.compile`` cannot work on ``device`` here (the CPU
+    needs a C++ compiler)."""
+    import torch
+
+    from .backends import check_compile as check
+
+    check(torch.device(device))
+
+
 def resolve_runtime(device: str = "auto", dtype: str = "auto", backend: str = "auto") -> tuple[str, str, str]:
     """The device, encoder backend and precision :func:`load_model` would use (imports torch).
 
@@ -80,9 +91,9 @@ def resolve_runtime(device: str = "auto", dtype: str = "auto", backend: str = "a
     raises ValueError for a choice this machine cannot run.
     """
     from .backends import resolve_backend, resolve_precision
-    from .engine import resolve_device
+    from .engine import resolve_device_for
 
-    dev = resolve_device(device)
+    dev = resolve_device_for(device, backend)
     kind = resolve_backend(backend, dev)
     return str(dev), kind, resolve_precision(dtype, kind, dev)
 

@@ -40,7 +40,7 @@ import numpy as np
 from ._exports import ENCODERS_ENV, Progress
 
 __all__ = ["BACKENDS", "PRECISIONS", "CACHE_NAMES", "cache_name", "ENCODERS_ENV", "backend_available", "resolve_backend",
-           "resolve_precision", "cpu_has_native_bf16", "torch_dtype", "TorchEncoder", "CudaMemory", "memory_batch_size", "exported_encoder",
+           "resolve_precision", "cpu_has_native_bf16", "torch_dtype", "TorchEncoder", "CudaMemory", "memory_batch_size", "check_compile", "exported_encoder",
            "drop_torch_encoder"]
 
 log = logging.getLogger(__name__)
@@ -212,6 +212,20 @@ class CudaMemory:
         return free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
 
 
+def check_compile(device) -> None:
+    """``torch.compile`` on ``device`` can work here: on the CPU its code generator needs a
+    C++ compiler (``$CXX`` or g++/clang++), else a ValueError says so before any work."""
+    import shutil
+
+    if device.type != "cpu":
+        return
+    cxx = os.environ.get("CXX")
+    if (cxx and shutil.which(cxx)) or (not cxx and (shutil.which("g++") or shutil.which("clang++"))):
+        return
+    raise ValueError(f"compile=True on the CPU needs a C++ compiler ({'$CXX=' + cxx if cxx else 'g++'} "
+                     "not found); install one (e.g. apt install g++) or leave compile off")
+
+
 def _run_block(layer, hidden):
     out = layer(hidden)
     return out[0] if isinstance(out, tuple) else out  # older transformers return (hidden_states,)
@@ -266,6 +280,12 @@ class TorchEncoder:
             if encoder.pos_embed is not None:
                 hidden = hidden + encoder.pos_embed
         yield 1, total
+        if self.compiled:
+            import torch._dynamo
+
+            # one graph for every batch size (else each new size recompiles, and after
+            # dynamo's recompile limit the blocks silently run uncompiled)
+            torch._dynamo.maybe_mark_dynamic(hidden, 0)
         for i, layer in enumerate(encoder.layers):
             with self._mode():
                 hidden = self._block(layer, hidden)

@@ -280,10 +280,10 @@ def cmd_embed(args) -> int:
     indices = _slices(args.slices, len(stack))
     if args.scheduler:
         return _cli_batch.cmd_embed_on_cluster(args, stack, indices)
-    engine = _load_engine(args)
     cache = _open_cache(args)
-    if cache is None:
+    if cache is None:  # before minutes of model loading
         raise UserError("`embed` fills the cache; it cannot run with --no-cache")
+    engine = _load_engine(args)
     from tqdm import tqdm
 
     total = len(stack) if indices is None else len(indices)
@@ -406,7 +406,7 @@ COMMANDS = {"segment": cmd_segment, "embed": cmd_embed, "cache": cmd_cache, "inf
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .api import ModelNotFoundError
+    from .api import ExportError, ModelNotFoundError
 
     import warnings
 
@@ -423,10 +423,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             # (batch) or a server that does not start (serve).
             from .api import resolve_runtime
 
-            _, backend, _ = resolve_runtime(args.device, args.dtype, args.backend)
-            if getattr(args, "compile", False) and backend != "torch":
-                raise UserError(f"--compile compiles the torch encoder; the backend here is {backend} "
-                                "(add --backend torch)")
+            device, backend, _ = resolve_runtime(args.device, args.dtype, args.backend)
+            if getattr(args, "compile", False):
+                if backend != "torch":
+                    raise UserError(f"--compile compiles the torch encoder; the backend here is {backend} "
+                                    "(add --backend torch)")
+                from .api import check_compile
+
+                check_compile(device)
         if args.command == "everything":
             return _cli_everything.cmd_everything(
                 args, UserError, _load_engine, _open_cache,
@@ -453,6 +457,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"napari-sam: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ExportError as exc:  # no space, or killed: the machine's state, not the command
+        print(f"napari-sam: error: {exc}", file=sys.stderr)
+        return 1
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, ModuleNotFoundError, ConnectionError) as exc:
         # Our validation raises these with messages that name the parameter.
         print(f"napari-sam: error: {exc}", file=sys.stderr)

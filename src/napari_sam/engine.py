@@ -23,7 +23,8 @@ from . import preprocess as pp
 from ._modelstack import guard_triton
 from ._types import ImageEmbedding, IntensityMapping, ModelInputSpec, Prediction, Prompt
 from ._grid_decoder import decode_prompts
-from .backends import (EXPORTED, TorchEncoder, drop_torch_encoder, exported_encoder, mixed_precision,
+from .annotate import checked_box, checked_points
+from .backends import (EXPORTED, TorchEncoder, check_compile, drop_torch_encoder, exported_encoder, mixed_precision,
                        resolve_backend, resolve_precision, torch_dtype)
 from .checkpoints import ModelSource, load_sam_model, resolve_model_source, spec_from_source, weights_fingerprint
 
@@ -61,6 +62,14 @@ def resolve_device(device: str | Any = "auto"):
     if name == "cpu":
         return torch.device("cpu")
     raise ValueError(f"device={device!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
+
+
+def resolve_device_for(device, backend) -> Any:
+    """:func:`resolve_device`, except that ``"auto"`` is the CPU for a backend that runs
+    only there (asking for OpenVINO or ONNX Runtime on a CUDA machine means the CPU)."""
+    if (device is None or str(device).lower() == "auto") and str(backend).lower() in EXPORTED:
+        return resolve_device("cpu")
+    return resolve_device(device)
 
 
 def resolve_dtype(dtype: str | Any, device) -> Any:
@@ -120,11 +129,13 @@ def load_model(
         When the weights are not available; the message says what was tried and how to
         provide them.
     """
-    dev = resolve_device(device)  # first: guards triton before any torch import
+    dev = resolve_device_for(device, backend)  # first: guards triton before any torch import
     kind = resolve_backend(backend, dev)
     precision = resolve_precision(dtype, kind, dev)
     if compile and kind != "torch":
         raise ValueError(f"compile=True compiles the torch encoder; backend is {kind!r} (use backend='torch')")
+    if compile:
+        check_compile(dev)
     source = resolve_model_source(model)
     sam = load_sam_model(source, config=config)
     sam.eval()
@@ -156,57 +167,6 @@ def drain(steps):
             next(steps)
         except StopIteration as done:
             return done.value
-
-
-def _as_points(points, labels, original_size) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
-    if points is None:
-        if labels is not None:
-            raise ValueError("point_labels given without points")
-        return None, None
-    pts = np.asarray(points, dtype=np.float64)
-    if pts.ndim == 1 and pts.size == 2:
-        pts = pts[None]
-    if pts.ndim != 2 or pts.shape[1] != 2:
-        raise ValueError(f"points must have shape (N, 2) as (row, col); got {pts.shape}")
-    if len(pts) == 0:
-        raise ValueError("points is empty; pass None for no points")
-    if not np.all(np.isfinite(pts)):
-        raise ValueError("points contain NaN or infinite coordinates")
-    h, w = original_size
-    outside = (pts[:, 0] < -0.5) | (pts[:, 0] > h - 0.5) | (pts[:, 1] < -0.5) | (pts[:, 1] > w - 0.5)
-    if outside.any():
-        raise ValueError(
-            f"points {pts[outside].tolist()} lie outside the image of shape {(h, w)} "
-            "(coordinates are (row, col) in pixels)"
-        )
-    if labels is None:
-        lab = np.ones(len(pts), np.int64)
-    else:
-        lab = np.asarray(labels).astype(np.int64).reshape(-1)
-        if len(lab) != len(pts):
-            raise ValueError(
-                f"point_labels has {len(lab)} entries but points has {len(pts)}; give one label per point"
-            )
-        if not np.all(np.isin(lab, (0, 1))):
-            raise ValueError(f"point_labels must be 1 (positive) or 0 (negative); got {sorted(set(lab.tolist()))}")
-    return pts, lab
-
-
-def _as_box(box, original_size) -> np.ndarray | None:
-    if box is None:
-        return None
-    b = np.asarray(box, dtype=np.float64).reshape(-1)
-    if b.shape != (4,):
-        raise ValueError(f"box must be (row_min, col_min, row_max, col_max); got shape {np.shape(box)}")
-    if not np.all(np.isfinite(b)):
-        raise ValueError(f"box contains NaN or infinite values: {b.tolist()}")
-    if b[0] > b[2] or b[1] > b[3]:
-        raise ValueError(f"box has min > max: {b.tolist()} (expected row_min <= row_max, col_min <= col_max)")
-    h, w = original_size
-    if b[2] < -0.5 or b[3] < -0.5 or b[0] > h - 0.5 or b[1] > w - 0.5:
-        raise ValueError(f"box {b.tolist()} lies entirely outside the image of shape {(h, w)}")
-    # A box that overhangs the border (a drag past the edge) means "up to the edge".
-    return np.clip(b, [-0.5, -0.5, -0.5, -0.5], [h - 0.5, w - 0.5, h - 0.5, w - 0.5])
 
 
 class SamEngine:
@@ -400,8 +360,8 @@ class SamEngine:
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, Prompt):
                 raise TypeError(f"prompts[{i}] must be a Prompt, got {type(prompt).__name__}")
-            pts, lab = _as_points(prompt.points, prompt.point_labels, size)
-            box = _as_box(prompt.box, size)
+            pts, lab = checked_points(prompt.points, prompt.point_labels, size)
+            box = checked_box(prompt.box, size)
             logits = self._mask_logits(prompt.mask_input, size)
             if pts is None and box is None and logits is None:
                 raise ValueError(f"prompt {i} is empty: give points, a box or a mask_input")

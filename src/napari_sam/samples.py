@@ -59,13 +59,30 @@ def ct_phantom_dicom():
     """napari sample: the CT phantom written as a real DICOM series and read back.
 
     The layer carries the series' geometry and files, so labels drawn on it can be saved
-    as DICOM-SEG or NIfTI. The files go to a temporary folder.
+    as DICOM-SEG or NIfTI. The files are written once into one folder per user in the
+    temporary directory and reused (each opening used to leave a new folder behind).
     """
+    import os
+    import shutil
     import tempfile
 
     from .io.dicom import read_dicom_series, write_dicom_series
 
-    folder = tempfile.mkdtemp(prefix="napari-sam-ct-phantom-")
-    write_dicom_series(folder, ct_phantom(), spacing=(2.5, 1.5, 1.5), origin=(-96.0, -96.0, -30.0))
-    vol = read_dicom_series(folder)
+    import getpass
+
+    uid = os.getuid() if hasattr(os, "getuid") else getpass.getuser()
+    folder = os.path.join(tempfile.gettempdir(), f"napari-sam-ct-phantom-dicom-v1-{uid}")
+    try:
+        vol = read_dicom_series(folder)
+        if vol.data.shape != ct_phantom().shape:
+            raise ValueError("not the phantom")
+    except Exception:  # noqa: BLE001 - absent, partial or foreign: write it afresh
+        tmp = tempfile.mkdtemp(prefix="napari-sam-ct-phantom-")
+        write_dicom_series(tmp, ct_phantom(), spacing=(2.5, 1.5, 1.5), origin=(-96.0, -96.0, -30.0))
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process put one there first (or the name is taken): use ours
+            folder = tmp
+        vol = read_dicom_series(folder)
     return [(vol.data, vol.layer_metadata(), "image")]

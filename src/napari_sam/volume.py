@@ -168,7 +168,7 @@ class Stack:
             ``"auto"``: :meth:`SamEngine.suggested_batch_size` before each call (1 on CPUs;
             on CUDA what fits in free memory, measured on the first slice).
         """
-        auto = batch_size == "auto"
+        auto = isinstance(batch_size, str) and batch_size.strip().lower() == "auto"
         if not auto and (isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer)
                          or batch_size < 1):
             raise ValueError(f"batch_size must be 'auto' or an integer >= 1, got {batch_size!r}")
