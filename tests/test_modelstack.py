@@ -101,3 +101,15 @@ def test_block_and_allow_settings():
     assert run_py(code, NAPARI_SAM_TRITON="allow").stdout.strip() == "allowed"
     # once triton is in the process, the guard leaves it alone
     assert run_py("import triton; " + code).stdout.strip() == "imported"
+
+
+def test_allocator_tuning_is_applied_once_and_can_be_declined():
+    code = ("import napari_sam._modelstack as m; a = m.tune_allocator(); b = m.tune_allocator(); "
+            "print(a, b)")
+    env = {k: v for k, v in os.environ.items() if k != "NAPARI_SAM_MALLOC"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    expected = "True True" if sys.platform.startswith("linux") else "False False"
+    assert out.stdout.split() == expected.split()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**env, "NAPARI_SAM_MALLOC": "default"})
+    assert out.stdout.split() == ["False", "False"]

@@ -217,6 +217,17 @@ def check_compile(device) -> None:
     C++ compiler (``$CXX`` or g++/clang++), else a ValueError says so before any work."""
     import shutil
 
+    if device.type == "cuda":
+        try:
+            import importlib.util
+
+            ok = importlib.util.find_spec("triton") is not None
+        except ValueError:  # hidden by napari_sam._modelstack.guard_triton (a GL process)
+            ok = False
+        if not ok:
+            raise ValueError("compile=True on CUDA needs triton, which is not available in this process "
+                             "(napari's OpenGL hides it: see NAPARI_SAM_TRITON in docs/architecture.md)")
+        return
     if device.type != "cpu":
         return
     cxx = os.environ.get("CXX")

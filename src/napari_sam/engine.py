@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import preprocess as pp
-from ._modelstack import guard_triton
+from ._modelstack import guard_triton, tune_allocator
 from ._types import ImageEmbedding, IntensityMapping, ModelInputSpec, Prediction, Prompt
 from ._grid_decoder import decode_prompts
 from .annotate import checked_box, checked_points
@@ -130,6 +130,7 @@ def load_model(
         provide them.
     """
     dev = resolve_device_for(device, backend)  # first: guards triton before any torch import
+    tune_allocator()
     kind = resolve_backend(backend, dev)
     precision = resolve_precision(dtype, kind, dev)
     if compile and kind != "torch":
