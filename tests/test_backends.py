@@ -431,5 +431,23 @@ def test_no_space_anywhere_is_one_error_and_a_full_cache_exports_elsewhere(tiny_
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(_onnxruntime, "_export", no_space)
-    with pytest.raises(napari_sam.api.ExportError, match="No space left on device.*free space"):
+    from napari_sam.api import ExportError
+
+    with pytest.raises(ExportError, match="No space left on device.*free space"):
         load(tiny_sam_dir, dtype="fp32", backend="onnxruntime")
+
+
+def test_a_dead_process_temporary_folder_is_swept_at_once(encoder_dir):
+    import os
+    import subprocess
+
+    encoder_dir.mkdir(parents=True, exist_ok=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that has ended
+    prefix = _exports._tmp_prefix().split("-")[1]
+    gone, alive = encoder_dir / f".tmp-{prefix}-{dead.pid}-abc", encoder_dir / f".tmp-{prefix}-{os.getpid()}-abc"
+    other = encoder_dir / f".tmp-otherhost-{dead.pid}-abc"  # another machine's: the 6 h rule
+    for folder in (gone, alive, other):
+        folder.mkdir()
+    _exports._sweep_stale(encoder_dir)
+    assert not gone.exists() and alive.exists() and other.exists()

@@ -110,6 +110,7 @@ def test_allocator_tuning_is_applied_once_and_can_be_declined():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     expected = "True True" if sys.platform.startswith("linux") else "False False"
     assert out.stdout.split() == expected.split()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**env, "NAPARI_SAM_MALLOC": "default"})
-    assert out.stdout.split() == ["False", "False"]
+    for value in ("default", "off", "0"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**env, "NAPARI_SAM_MALLOC": value})
+        assert out.stdout.split() == ["False", "False"]

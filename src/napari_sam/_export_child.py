@@ -8,10 +8,13 @@ parent process (a GUI) is not held up by the export."""
 from __future__ import annotations
 
 import json
+import signal
 import sys
 
 
 def main() -> int:
+    # SIGTERM ends like Ctrl+C: cleanups run and the temporary export folder is removed
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     request = json.loads(sys.stdin.read())
     from ._exports import CHILD_PREFIX
     from .engine import load_model

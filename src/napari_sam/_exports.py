@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -111,12 +112,32 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _tmp_prefix() -> str:
+    """``.tmp-<host>-<pid>-``: whose export a temporary folder is."""
+    return f".tmp-{socket.gethostname().replace('-', '_')}-{os.getpid()}-"
+
+
+def _dead_here(name: str) -> bool:
+    """The folder belongs to a process of this host that no longer runs."""
+    parts = name.split("-")
+    if len(parts) < 4 or parts[1] != socket.gethostname().replace("-", "_") or not parts[2].isdigit():
+        return False
+    try:
+        os.kill(int(parts[2]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, another user's
+        return False
+    return False
+
+
 def _sweep_stale(root: Path, older_than_s: float = 6 * 3600) -> None:
-    """Remove temporary folders of exports that were killed (none is written for hours)."""
+    """Remove temporary folders of exports that were killed: at once when the process was
+    on this host, else when none has been written for hours (another machine's)."""
     now = time.time()
     for tmp in root.glob(".tmp-*"):
         try:
-            if now - tmp.stat().st_mtime > older_than_s:
+            if _dead_here(tmp.name) or now - tmp.stat().st_mtime > older_than_s:
                 _remove(tmp)
         except OSError:
             pass
@@ -143,20 +164,23 @@ def cached_export(identity: str, files: Sequence[str], *, convert: Callable[[Pat
     root = folder.parent
     if read_verified(folder, identity, files) is not None:
         return load(folder), folder
-    if elsewhere is not None:
-        elsewhere()
-        if read_verified(folder, identity, files, quiet=True) is not None:
-            return load(folder), folder
-        log.warning("the export in a separate process left no usable copy in %s; exporting here", root)
     tmp = None
     try:  # a place to write, before minutes of conversion
         root.mkdir(parents=True, exist_ok=True)
         _sweep_stale(root)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(), dir=root))
         os.chmod(tmp, 0o755)  # a shared cache folder stays readable by its other users
     except OSError as exc:
         log.warning("cannot keep the exported encoder in %s (%s; set $%s to a writable folder): "
                     "it is exported again each time", root, exc, ENCODERS_ENV)
+    if elsewhere is not None and tmp is not None:  # a child could not keep it either: no child then
+        shutil.rmtree(tmp, ignore_errors=True)
+        elsewhere()
+        if read_verified(folder, identity, files, quiet=True) is not None:
+            return load(folder), folder
+        log.warning("the export in a separate process left no usable copy in %s; exporting here", root)
+        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(), dir=root))
+        os.chmod(tmp, 0o755)
     started = time.perf_counter()
 
     def elsewhere_or_fail():  # nowhere in the cache: convert into a private temporary folder
@@ -237,9 +261,12 @@ def export_in_child(request: dict, say: Progress) -> None:
         else:
             tail = (tail + [line.rstrip()])[-20:]
     code = child.wait()
-    if code < 0:
-        raise ExportError(f"the encoder export was killed (signal {-code}; out of memory?). Free memory, "
+    _sweep_stale(Path(request.get("encoders") or default_encoder_dir()))  # what a killed child left
+    if code == -9:
+        raise ExportError("the encoder export was killed (signal 9; out of memory?). Free memory, "
                           "or choose backend='torch'")
+    if code < 0 or code == 143:
+        raise ExportError(f"the encoder export was stopped (signal {-code if code < 0 else 15})")
     if code != 0:
         log.warning("the encoder export in a separate process failed (exit %d): %s", code, " | ".join(tail[-5:]))
 

@@ -126,9 +126,11 @@ def tune_allocator() -> bool:
     Measured on random ViT-B, same process: a click's ``predict`` 35-42 ms with glibc's
     defaults, 26 ms with an mmap threshold of 64 MB and a trim threshold of 256 MB (at
     most 256 MB of freed heap kept; resident memory +20-45 MB). Linux/glibc only, once
-    per process; ``NAPARI_SAM_MALLOC=default`` leaves glibc alone. Returns whether set."""
+    per process; ``NAPARI_SAM_MALLOC=default`` (or off/0/no/false) leaves glibc alone.
+    Returns whether set."""
     global _malloc_tuned
-    if _malloc_tuned or os.environ.get(MALLOC_ENV, "").lower() == "default" or not sys.platform.startswith("linux"):
+    declined = os.environ.get(MALLOC_ENV, "").strip().lower() in ("default", "off", "0", "no", "false")
+    if _malloc_tuned or declined or not sys.platform.startswith("linux"):
         return _malloc_tuned
     import ctypes
     import ctypes.util

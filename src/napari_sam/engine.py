@@ -351,7 +351,7 @@ class SamEngine:
         """Decode many prompt sets for one image in batched decoder calls.
 
         Prompt sets with the same structure (number of points, box or not, mask or not)
-        run together, so each is decoded exactly as it would be alone.
+        run together, so each is decoded as it would be alone (to float rounding).
         """
         import torch
 

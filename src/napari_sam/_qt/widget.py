@@ -73,11 +73,13 @@ class SamLabelerWidget(QWidget):
         # the restore offer first: it only shows when there is something to restore
         for panel in (self.autosave, self.model, self.prompts, self.labels, self.stack, self.everything):
             layout.addWidget(panel)
+        layout.addStretch(1)
+        # The status line stays above the scrolling controls: on a laptop screen the bottom
+        # of the panels is out of view, and progress (an encoder export) and errors with it.
         self.status = QLabel("Choose an image, then add points or boxes.")
         self.status.setWordWrap(True)
+        self.status.setContentsMargins(6, 4, 6, 4)
         self.state.status_changed.connect(self.status.setText)
-        layout.addWidget(self.status)
-        layout.addStretch(1)
         self._scroll = QScrollArea()
         self._scroll.setWidgetResizable(True)
         self._scroll.setFrameShape(QFrame.Shape.NoFrame)
@@ -85,6 +87,7 @@ class SamLabelerWidget(QWidget):
         self._scroll.setWidget(content)
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(self.status)
         outer.addWidget(self._scroll)
         self._fit_scroll_width()
 
