@@ -379,7 +379,8 @@ class SamEngine:
             for start in range(0, len(members), DECODE_CHUNK):
                 chunk = members[start:start + DECODE_CHUNK]
                 b = len(chunk)
-                kwargs: dict[str, Any] = {}
+                kwargs: dict[str, Any] = dict(input_points=None, input_labels=None, input_boxes=None,
+                                              input_masks=None)
                 if n_points:
                     xy = np.stack([pp.points_to_model(parsed[i][0], size, self.spec) for i in chunk])
                     kwargs["input_points"] = torch.from_numpy(xy[:, None]).to(self.device)
@@ -395,9 +396,7 @@ class SamEngine:
                 with torch.inference_mode():
                     # transformers' prompt encoder, then its decoder without copying the
                     # image embedding per prompt (same function; 1.6x faster for a click)
-                    sparse, dense = self.model.prompt_encoder(
-                        input_points=kwargs.get("input_points"), input_labels=kwargs.get("input_labels"),
-                        input_boxes=kwargs.get("input_boxes"), input_masks=kwargs.get("input_masks"))
+                    sparse, dense = self.model.prompt_encoder(**kwargs)
                     if sparse is None:
                         sparse = feats.new_zeros((b, 1, 0, feats.shape[1]))
                     low, scores, _ = decode_prompts(self.model, feats, sparse[:, 0],

@@ -209,7 +209,8 @@ class Stack:
             if step < of:
                 yield StackProgress(done, total, pending[0][0], False, step / of)
         # Disk writes run on the cache's writer thread while the next batch encodes; the
-        # previous batch's writes are waited for here, so at most two batches are in flight.
+        # previous batch's writes are waited for here, so one batch's writes at most are
+        # pending at a time.
         cache.flush(keep=0)
         for j, (z, image, key) in enumerate(pending):
             cache.put(key, engine.embedding_from(features[j:j + 1].clone(), self.slice_shape, self.mapping),
