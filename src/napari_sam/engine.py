@@ -22,7 +22,6 @@ import numpy as np
 from . import preprocess as pp
 from ._modelstack import guard_triton, tune_allocator
 from ._types import ImageEmbedding, IntensityMapping, ModelInputSpec, Prediction, Prompt
-from ._grid_decoder import decode_prompts
 from .annotate import checked_box, checked_points
 from .backends import (EXPORTED, TorchEncoder, check_compile, drop_torch_encoder, exported_encoder, mixed_precision,
                        resolve_backend, resolve_precision, torch_dtype)
@@ -354,6 +353,8 @@ class SamEngine:
         run together, so each is decoded as it would be alone (to float rounding).
         """
         import torch
+
+        from ._grid_decoder import decode_prompts  # imports torch: not at module import
 
         self._check_embedding(embedding)
         size = embedding.original_size
