@@ -451,3 +451,16 @@ def test_a_dead_process_temporary_folder_is_swept_at_once(encoder_dir):
         folder.mkdir()
     _exports._sweep_stale(encoder_dir)
     assert not gone.exists() and alive.exists() and other.exists()
+
+
+def test_cancel_stops_a_child_export(tiny_sam_dir, encoder_dir):
+    """Cancel while the widget's child process exports: the child is stopped, nothing is
+    left in the cache, and the load says it was cancelled."""
+    from napari_sam.api import ExportCancelled
+
+    messages = []
+    with pytest.raises(ExportCancelled):
+        load(tiny_sam_dir, dtype="fp32", backend="openvino", export_in_subprocess=True,
+             on_progress=messages.append, cancelled=lambda: bool(messages))  # once the export has begun
+    assert any("Exporting" in m for m in messages)
+    assert not encoder_dir.exists() or not any(encoder_dir.iterdir())  # no export, no temporary folder

@@ -538,3 +538,19 @@ def test_demo_puts_the_chosen_model_into_the_widget(make_napari_viewer, tiny_sam
     viewer = make_napari_viewer()
     ((_dock, widget),) = dock_plugin(viewer, model=tiny_sam_dir)
     assert widget.model.model_edit.text() == str(tiny_sam_dir)
+
+
+def test_cancel_while_the_encoder_is_exported_stops_the_export(labeler, qtbot, blob_image, tmp_path, monkeypatch):
+    """The first load exports the encoder in a child process; Cancel stops that child."""
+    pytest.importorskip("openvino")
+    encoders = tmp_path / "encoders"
+    monkeypatch.setenv("NAPARI_SAM_ENCODERS", str(encoders))
+    viewer, widget = labeler(blob_image)
+    widget.model.backend_combo.setCurrentText("openvino")
+    widget.compute_embedding()
+    qtbot.waitUntil(lambda: "Exporting" in widget.status.text(), timeout=TIMEOUT)
+    with qtbot.waitSignal(widget.embedding_cancelled, timeout=TIMEOUT):
+        widget.cancel_embedding()
+    qtbot.waitUntil(lambda: widget.state.embed_worker is None, timeout=TIMEOUT)
+    assert "cancelled" in widget.status.text().lower() and widget.current_embedding() is None
+    assert not encoders.exists() or not any(encoders.iterdir())  # the child stopped before finishing

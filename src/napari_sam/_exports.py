@@ -41,6 +41,10 @@ class ExportError(RuntimeError):
     """The encoder could not be exported (no space anywhere, the export process killed)."""
 
 
+class ExportCancelled(ExportError):
+    """The user cancelled while the encoder was being exported (the export was stopped)."""
+
+
 def default_encoder_dir() -> Path:
     """``$NAPARI_SAM_ENCODERS``, else ``encoders`` in the platform's user cache folder."""
     env = os.environ.get(ENCODERS_ENV)
@@ -234,14 +238,16 @@ def cached_export(identity: str, files: Sequence[str], *, convert: Callable[[Pat
 CHILD_PREFIX = "napari-sam-export: "
 
 
-def export_in_child(request: dict, say: Progress) -> None:
+def export_in_child(request: dict, say: Progress, cancelled: Callable[[], bool] | None = None) -> None:
     """Run ``python -m napari_sam._export_child`` on ``request`` (the :func:`load_model`
     arguments as plain values) and wait for it, forwarding its progress messages.
 
     Waiting reads a pipe, which holds no interpreter lock: a GUI in this process stays
     responsive while the child traces, converts and serialises the encoder. A child that
     fails is logged (the caller then exports in process); one killed by a signal (out of
-    memory) is an error, since the same export here would die the same way."""
+    memory) is an error, since the same export here would die the same way. When
+    ``cancelled()`` turns true the child is stopped (SIGTERM: it removes its temporary
+    folder) and :class:`ExportCancelled` is raised."""
     try:
         child = subprocess.Popen([sys.executable, "-m", "napari_sam._export_child"], stdin=subprocess.PIPE,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -255,13 +261,31 @@ def export_in_child(request: dict, say: Progress) -> None:
     with contextlib.suppress(BrokenPipeError):
         child.stdin.close()
     tail: list[str] = []
-    for line in child.stderr:
-        if line.startswith(CHILD_PREFIX):
-            say(line[len(CHILD_PREFIX):].rstrip())
-        else:
-            tail = (tail + [line.rstrip()])[-20:]
+
+    def read():  # on its own thread, so this one can watch for a cancel
+        nonlocal tail
+        for line in child.stderr:
+            if line.startswith(CHILD_PREFIX):
+                say(line[len(CHILD_PREFIX):].rstrip())
+            else:
+                tail = (tail + [line.rstrip()])[-20:]
+
+    import threading
+
+    reader = threading.Thread(target=read, daemon=True, name="napari-sam-export-child")
+    reader.start()
+    stopped = False
+    while child.poll() is None:
+        if cancelled is not None and cancelled():
+            child.terminate()
+            stopped = True
+            break
+        time.sleep(0.1)
     code = child.wait()
+    reader.join(5)
     _sweep_stale(Path(request.get("encoders") or default_encoder_dir()))  # what a killed child left
+    if stopped:
+        raise ExportCancelled("cancelled while exporting the image encoder")
     if code == -9:
         raise ExportError("the encoder export was killed (signal 9; out of memory?). Free memory, "
                           "or choose backend='torch'")

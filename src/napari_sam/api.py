@@ -26,7 +26,7 @@ from ._fileio import atomic_write, storable_labels
 from .autosave import Autosave, image_key
 from .cache import CacheStats, EmbeddingCache
 from .checkpoints import DEFAULT_MODEL, MODEL_ENV, ModelNotFoundError, hub_cache_path, resolve_model_source
-from ._exports import ExportError
+from ._exports import ExportCancelled, ExportError
 from .engine import SamEngine, load_model
 from .automatic import (
     segment_everything, segment_everything_steps, segment_everything_volume, segment_everything_volume_steps,
@@ -37,7 +37,7 @@ from .volume import Stack, StackProgress, embed_cached, embed_cached_steps
 
 __all__ = [
     # models
-    "DEFAULT_MODEL", "MODEL_ENV", "ModelNotFoundError", "ExportError", "SamEngine", "load_model", "model_status",
+    "DEFAULT_MODEL", "MODEL_ENV", "ModelNotFoundError", "ExportError", "ExportCancelled", "SamEngine", "load_model", "model_status",
     "ModelStatus", "resolve_device_dtype", "resolve_runtime", "check_compile", "resolve_intensity",
     # embeddings and the persistent cache
     "EmbeddingCache", "CacheStats", "embed_cached", "embed_cached_steps", "embedding_key",

@@ -322,7 +322,8 @@ class TorchEncoder:
 
 
 def exported_encoder(backend: str, model, *, fingerprint: str, precision: str, spec,
-                     directory: Path | None = None, say: Progress | None = None, child_request: dict | None = None):
+                     directory: Path | None = None, say: Progress | None = None, child_request: dict | None = None,
+                     cancelled=None):
     """The encoder of ``model`` exported to ``backend`` ("openvino" or "onnxruntime"),
     from the on-disk export cache or exported now (:mod:`napari_sam._exports`); with
     ``child_request`` (the load arguments as plain values) a missing export is made in
@@ -339,7 +340,7 @@ def exported_encoder(backend: str, model, *, fingerprint: str, precision: str, s
 
         def elsewhere():
             export_in_child({**child_request, "backend": backend, "dtype": precision},
-                            say or (lambda message: log.info(message)))
+                            say or (lambda message: log.info(message)), cancelled)
     return make(model, fingerprint=fingerprint, precision=precision, spec=spec, directory=directory, say=say,
                 elsewhere=elsewhere)
 

@@ -88,6 +88,7 @@ def load_model(
     on_progress=None,
     compile: bool = False,
     export_in_subprocess: bool = False,
+    cancelled=None,
 ) -> "SamEngine":
     """Load a SAM model and return a ready :class:`SamEngine`.
 
@@ -121,6 +122,9 @@ def load_model(
     export_in_subprocess : bool
         Make a missing OpenVINO/ONNX export in a child process (the widget does: tracing
         and serialising hold Python's interpreter lock for up to 0.7 s at a time).
+    cancelled : callable() -> bool, optional
+        Polled while that child exports; when true the child is stopped and
+        ``ExportCancelled`` raised.
 
     Raises
     ------
@@ -151,7 +155,8 @@ def load_model(
         plain = config is None and (preprocessing is None or isinstance(preprocessing, str))
         request = {"model": None if model is None else str(model), "preprocessing": preprocessing}
         encoder = exported_encoder(kind, sam, fingerprint=fingerprint, precision=precision, spec=spec,
-                                   say=on_progress, child_request=request if export_in_subprocess and plain else None)
+                                   say=on_progress, child_request=request if export_in_subprocess and plain else None,
+                                   cancelled=cancelled)
         drop_torch_encoder(sam, kind)
     else:
         encoder = TorchEncoder(sam, dev, dt, autocast=mixed, compile=compile)

@@ -15,7 +15,7 @@ from napari.utils import progress
 from napari.utils.notifications import show_error, show_warning
 from qtpy.QtWidgets import QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLineEdit, QPushButton
 
-from ..api import DEFAULT_MODEL, MODEL_ENV, embed_cached_steps, embedding_key
+from ..api import DEFAULT_MODEL, MODEL_ENV, ExportCancelled, embed_cached_steps, embedding_key
 from ..preprocess import CT_PRESETS, resolve_intensity
 from .controls import advance, button, combo, row
 from .state import LabelerState, load_engine
@@ -190,7 +190,15 @@ class ModelPanel(QGroupBox):
             nonlocal engine, mapping
             if engine is None:
                 yield ("Loading model", 0, 1)
-                engine = load_engine(requested, state.set_status)
+                def cancelled():  # the user pressed Cancel while the encoder is being exported
+                    worker = state.embed_worker
+                    return worker is not None and worker.abort_requested
+
+                try:
+                    engine = load_engine(requested, state.set_status, cancelled=cancelled)
+                except ExportCancelled:
+                    yield ("Cancelled", 0, 1)  # the worker stops here: "aborted"
+                    return None
             if mapping is None:
                 # A volume gets one mapping over all slices: same contrast on every slice.
                 mapping = resolve_intensity(data, multichannel=rgb, **options)

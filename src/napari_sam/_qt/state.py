@@ -255,11 +255,11 @@ class LabelerState(QObject):
 
 
 
-def load_engine(requested, say=None):
+def load_engine(requested, say=None, cancelled=None):
     """Load the engine for ``requested`` = (model, device, dtype, backend); runs in a worker.
 
     ``say`` receives messages of slow one-time steps (the encoder export, which runs in a
     child process so that it never holds the interpreter lock the GUI needs)."""
     backend = requested[3] if len(requested) > 3 else "auto"
     return load_model(requested[0] or None, device=requested[1], dtype=requested[2], backend=backend,
-                      on_progress=say, export_in_subprocess=True)
+                      on_progress=say, export_in_subprocess=True, cancelled=cancelled)
