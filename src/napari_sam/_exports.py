@@ -121,6 +121,13 @@ def _tmp_prefix() -> str:
     return f".tmp-{socket.gethostname().replace('-', '_')}-{os.getpid()}-"
 
 
+def _new_tmp(root: Path) -> Path:
+    """This process's temporary export folder in ``root``."""
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(), dir=root))
+    os.chmod(tmp, 0o755)  # a shared cache folder stays readable by its other users
+    return tmp
+
+
 def _dead_here(name: str) -> bool:
     """The folder belongs to a process of this host that no longer runs."""
     parts = name.split("-")
@@ -172,8 +179,7 @@ def cached_export(identity: str, files: Sequence[str], *, convert: Callable[[Pat
     try:  # a place to write, before minutes of conversion
         root.mkdir(parents=True, exist_ok=True)
         _sweep_stale(root)
-        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(), dir=root))
-        os.chmod(tmp, 0o755)  # a shared cache folder stays readable by its other users
+        tmp = _new_tmp(root)
     except OSError as exc:
         log.warning("cannot keep the exported encoder in %s (%s; set $%s to a writable folder): "
                     "it is exported again each time", root, exc, ENCODERS_ENV)
@@ -183,8 +189,7 @@ def cached_export(identity: str, files: Sequence[str], *, convert: Callable[[Pat
         if read_verified(folder, identity, files, quiet=True) is not None:
             return load(folder), folder
         log.warning("the export in a separate process left no usable copy in %s; exporting here", root)
-        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(), dir=root))
-        os.chmod(tmp, 0o755)
+        tmp = _new_tmp(root)
     started = time.perf_counter()
 
     def elsewhere_or_fail():  # nowhere in the cache: convert into a private temporary folder
@@ -283,7 +288,7 @@ def export_in_child(request: dict, say: Progress, cancelled: Callable[[], bool] 
         time.sleep(0.1)
     code = child.wait()
     reader.join(5)
-    _sweep_stale(Path(request.get("encoders") or default_encoder_dir()))  # what a killed child left
+    _sweep_stale(default_encoder_dir())  # what a killed child left (it exports into the default folder)
     if stopped:
         raise ExportCancelled("cancelled while exporting the image encoder")
     if code == -9:
