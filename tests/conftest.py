@@ -28,8 +28,9 @@ def _private_encoder_folder(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _private_embedding_cache(tmp_path_factory, monkeypatch):
-    """Every test gets its own embedding cache folder, never the user's."""
+    """Every test gets its own embedding cache and models folder, never the user's."""
     monkeypatch.setenv("NAPARI_SAM_CACHE", str(tmp_path_factory.mktemp("sam_cache")))
+    monkeypatch.setenv("NAPARI_SAM_MODELS", str(tmp_path_factory.mktemp("sam_models")))
 
 
 def tiny_sam_config(image_size: int = TINY_IMAGE_SIZE):
@@ -180,3 +181,56 @@ def labeler(make_napari_viewer, tiny_sam_dir, qtbot):
 def blob_volume(blob_image):
     """(5, H, W): the blob image shifted a little on every slice."""
     return np.stack([np.roll(blob_image, 3 * z, axis=1) for z in range(5)])
+
+
+# --- fine-tuning: a tiny model that can learn where a prompt is, and labelled scenes ----
+
+
+@pytest.fixture(scope="session")
+def ft_dir(tmp_path_factory):
+    """The tiny model with SAM's positional encoding at Meta's scale (N(0, 1) frequencies).
+
+    transformers initialises it with std = hidden/2 (16 here): at that scale the encoding of
+    neighbouring positions is uncorrelated, so a random decoder cannot learn where a prompt
+    is. Trained SAM weights carry their own; only a model trained from scratch needs this.
+    """
+    import torch
+
+    folder = tmp_path_factory.mktemp("ft_tiny")
+    model, _ = build_tiny_sam(folder)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        pe = torch.randn(2, 16)
+        model.shared_image_embedding.positional_embedding.copy_(pe)
+        model.prompt_encoder.shared_embedding.positional_embedding.copy_(pe)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def ft_engine(ft_dir):
+    import napari_sam
+
+    return napari_sam.load_model(ft_dir, device="cpu", dtype="fp32", backend="torch")
+
+
+def scene(rng, size=96, n=2):
+    """Bright disks on a noisy darker background, labelled 1..n."""
+    img = rng.normal(60, 12, (size, size))
+    lab = np.zeros((size, size), np.uint16)
+    rr, cc = np.mgrid[:size, :size]
+    for k in range(1, n + 1):
+        for _ in range(100):
+            r, c = rng.integers(12, size - 12, 2)
+            m = (rr - r) ** 2 + (cc - c) ** 2 <= rng.integers(5, 11) ** 2
+            if not lab[m].any():
+                break
+        img[m] = rng.normal(170, 12, m.sum())
+        lab[m] = k
+    return np.clip(img, 0, 255).astype(np.uint8), lab
+
+
+def dataset(n_images=12, seed=0, n=2):
+    rng = np.random.default_rng(seed)
+    pairs = [scene(rng, n=n) for _ in range(n_images)]
+    return [p[0] for p in pairs], [p[1] for p in pairs]

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._finetune_store import spec_from_sidecar
 from ._modelstack import guard_triton
 from ._types import ModelInputSpec, medsam_input_spec, sam_input_spec
 
@@ -336,6 +337,13 @@ def spec_from_source(source: ModelSource, model, preprocessing) -> ModelInputSpe
         if name == "medsam":
             return medsam_input_spec(target)
         raise ValueError(f"preprocessing={preprocessing!r} is not 'sam', 'medsam' or a ModelInputSpec")
+    if source.kind == "hf_dir":
+        recorded = spec_from_sidecar(source.location)  # a fine-tune keeps its base's convention
+        if recorded is not None:
+            if recorded.target_length != target:
+                raise ValueError(f"{source.location}: napari_sam.json records input size {recorded.target_length}, "
+                                 f"the model's config {target}")
+            return recorded
     names = [source.requested, source.location, str(getattr(model.config, "_name_or_path", ""))]
     if any("medsam" in n.lower() for n in names):
         return medsam_input_spec(target)
@@ -411,16 +419,20 @@ def load_sam_model(source: ModelSource, config=None):
     return sam
 
 
-def weights_fingerprint(model) -> str:
+def weights_fingerprint(model, prefix: str = "") -> str:
     """A stable identity of the weights: names, shapes and a sample of every tensor.
 
     Cheap even for ViT-H (it reads at most 2 MiB per tensor), and it changes whenever a
-    fine-tune changes weights, which is what cache keys need.
+    fine-tune changes weights. ``prefix="vision_encoder."`` covers only the image
+    encoder: what an embedding (and an exported encoder) depends on, so that a model whose
+    decoder was fine-tuned reuses the embeddings of the model it came from.
     """
     import torch
 
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
+        if not name.startswith(prefix):
+            continue
         t = tensor.detach().to("cpu").contiguous().float().reshape(-1)
         h.update(f"{name}:{tuple(tensor.shape)};".encode())
         n = t.numel()

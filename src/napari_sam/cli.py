@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from collections.abc import Sequence
 
-from . import _cli_batch, _cli_everything, _cli_serving
+from . import _cli_batch, _cli_everything, _cli_finetune, _cli_serving
 from ._version import __version__
 
 EXIT_USAGE = 2
@@ -166,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_args(emb)
     _cli_batch.add_parser(sub, _add_model_args, _add_cache_args, _add_intensity_args, _point, _box)
     _cli_everything.add_parser(sub, _add_model_args, _add_cache_args, _add_intensity_args)
+    _cli_finetune.add_parser(sub, _add_model_args, _add_cache_args, _add_intensity_args)
 
     bench = sub.add_parser("bench", help="measure encoder backends/precisions, click→mask and reopen on this "
                            "machine against plain SamModel fp32 (docs/performance.md)")
@@ -435,6 +436,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cli_everything.cmd_everything(
                 args, UserError, _load_engine, _open_cache,
                 {k: v for k, v in _intensity(args).items() if v is not None}, _slices)
+        if args.command == "finetune":
+            return _cli_finetune.cmd_finetune(
+                args, UserError, _load_engine, _open_cache, {k: v for k, v in _intensity(args).items() if v is not None})
         if args.command == "batch":
             return _cli_batch.cmd_batch(args, {k: v for k, v in _intensity(args).items() if v is not None})
         if args.command == "bench":

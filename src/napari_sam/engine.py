@@ -144,6 +144,7 @@ def load_model(
     sam = load_sam_model(source, config=config)
     sam.eval()
     fingerprint = weights_fingerprint(sam)
+    encoder_fingerprint = weights_fingerprint(sam, "vision_encoder.")
     spec = spec_from_source(source, sam, preprocessing)
     # The torch model runs the decoder, and the encoder on torch: cast to bf16 on CPU; on
     # CUDA/MPS bf16/fp16 run under autocast with fp32 weights (PyTorch's mixed precision).
@@ -154,7 +155,7 @@ def load_model(
     if kind in EXPORTED:
         plain = config is None and (preprocessing is None or isinstance(preprocessing, str))
         request = {"model": None if model is None else str(model), "preprocessing": preprocessing}
-        encoder = exported_encoder(kind, sam, fingerprint=fingerprint, precision=precision, spec=spec,
+        encoder = exported_encoder(kind, sam, fingerprint=encoder_fingerprint, precision=precision, spec=spec,
                                    say=on_progress, child_request=request if export_in_subprocess and plain else None,
                                    cancelled=cancelled)
         drop_torch_encoder(sam, kind)
@@ -162,7 +163,7 @@ def load_model(
         encoder = TorchEncoder(sam, dev, dt, autocast=mixed, compile=compile)
     sam.to(device=dev, dtype=dt)
     return SamEngine(sam, device=dev, dtype=dt, spec=spec, source=source, fingerprint=fingerprint,
-                     encoder=encoder, precision=precision)
+                     encoder=encoder, precision=precision, encoder_fingerprint=encoder_fingerprint)
 
 
 def drain(steps):
@@ -182,7 +183,7 @@ class SamEngine:
     """
 
     def __init__(self, model, *, device, dtype, spec: ModelInputSpec, source: ModelSource, fingerprint: str,
-                 encoder=None, precision: str | None = None):
+                 encoder=None, precision: str | None = None, encoder_fingerprint: str | None = None):
         self.model = model
         self.device = device
         self.dtype = dtype  # the torch model's (the decoder's, and the encoder's on torch)
@@ -190,15 +191,18 @@ class SamEngine:
         self.precision = precision or {"bfloat16": "bf16", "float16": "fp16"}.get(str(dtype)[6:], "fp32")
         self.spec = spec
         self.source = source
-        self.fingerprint = fingerprint
+        self.fingerprint = fingerprint  # all weights
+        # the image encoder's weights only: what embeddings depend on (a fine-tuned
+        # decoder reuses its base model's embeddings and exported encoder)
+        self.encoder_fingerprint = encoder_fingerprint or fingerprint
         cfg = model.config
         self.embedding_size = int(cfg.prompt_encoder_config.image_embedding_size)
         self.low_res_size = 4 * self.embedding_size
 
     @property
     def model_id(self) -> str:
-        """Weights fingerprint plus input convention: what an embedding depends on."""
-        return hashlib.sha256(f"{self.fingerprint}|{self.spec.key()}".encode()).hexdigest()[:32]
+        """Image-encoder fingerprint plus input convention: what an embedding depends on."""
+        return hashlib.sha256(f"{self.encoder_fingerprint}|{self.spec.key()}".encode()).hexdigest()[:32]
 
     @property
     def backend(self) -> str:

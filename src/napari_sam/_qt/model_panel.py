@@ -13,9 +13,10 @@ import numpy as np
 from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_warning
-from qtpy.QtWidgets import QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLineEdit, QPushButton
+from qtpy.QtWidgets import (QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLineEdit, QMenu,
+                            QPushButton, QToolButton)
 
-from ..api import DEFAULT_MODEL, MODEL_ENV, ExportCancelled, embed_cached_steps, embedding_key
+from ..api import DEFAULT_MODEL, MODEL_ENV, ExportCancelled, embed_cached_steps, embedding_key, finetuned_models
 from ..preprocess import CT_PRESETS, resolve_intensity
 from .controls import advance, button, combo, row
 from .state import LabelerState, load_engine
@@ -40,7 +41,15 @@ class ModelPanel(QGroupBox):
         browse.setFixedWidth(28)
         browse.setToolTip("Choose a checkpoint file (.pth/.pt) or, with Cancel then a folder, a model folder")
         browse.clicked.connect(self._browse_model)
+        self.models_button = QToolButton()
+        self.models_button.setText("▾")
+        self.models_button.setToolTip("Choose the default model or a fine-tuned one (from the models folder)")
+        self.models_button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
+        self.models_menu = QMenu(self.models_button)
+        self.models_menu.aboutToShow.connect(self._fill_models_menu)
+        self.models_button.setMenu(self.models_menu)
         model_row.addWidget(self.model_edit)
+        model_row.addWidget(self.models_button)
         model_row.addWidget(browse)
         form.addRow("Model", model_row)
         self.device_combo = combo(["auto", "cpu", "cuda", "mps"])
@@ -85,6 +94,23 @@ class ModelPanel(QGroupBox):
             path = QFileDialog.getExistingDirectory(self, "SAM save_pretrained folder")
         if path:
             self.model_edit.setText(path)
+
+    def _fill_models_menu(self) -> None:
+        self.models_menu.clear()
+        choices = [(DEFAULT_MODEL, DEFAULT_MODEL)]
+        if os.environ.get(MODEL_ENV) and os.environ[MODEL_ENV] != DEFAULT_MODEL:
+            choices.append((f"{os.environ[MODEL_ENV]}  (${MODEL_ENV})", os.environ[MODEL_ENV]))
+        for m in finetuned_models():
+            dice = "" if m["dice_after"] is None else f"  Dice {m['dice_before']:.2f} → {m['dice_after']:.2f}"
+            choices.append((f"{m['name']}  (fine-tuned{dice})", m["path"]))
+        for text, value in choices:
+            action = self.models_menu.addAction(text)
+            action.triggered.connect(partial(self.choose_model, value))
+
+    def choose_model(self, model: str) -> None:
+        """Make ``model`` the dock's model; it loads with the next embedding."""
+        self.model_edit.setText(str(model))
+        self.state.set_status(f"Model: {model} (loads with the next embedding).")
 
     # --- model choice -----------------------------------------------------------------
 

@@ -46,11 +46,13 @@ class LabelerState(QObject):
     propagated = Signal(object)
     #: "Segment everything" finished: the new labels layer
     everything_done = Signal(object)
+    #: "Fine-tune" finished or stopped: FinetuneResult
+    finetuned = Signal(object)
     #: one line for the dock's status label
     status_changed = Signal(str)
     #: the signals the dock widget offers scripts and tests
     PUBLIC_SIGNALS = ("embedding_ready", "preview_ready", "committed", "embedding_cancelled",
-                      "stack_embedded", "propagated", "everything_done")
+                      "stack_embedded", "propagated", "everything_done", "finetuned")
 
     def __init__(self, viewer, parent=None):
         super().__init__(parent)

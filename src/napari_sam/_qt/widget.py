@@ -7,6 +7,7 @@
 ``labels``         :class:`~.labels_panel.LabelsPanel`: commit, undo, refine
 ``stack``          :class:`~.stack_panel.StackPanel`: embed a stack, propagate (3D only)
 ``everything``     :class:`~.everything_panel.EverythingPanel`: automatic segmentation
+``finetune``       :class:`~.finetune_panel.FinetunePanel`: train the decoder on a labels layer
 =================  ============================================================
 
 Work never runs on the GUI thread (workers with progress and Cancel); results are applied
@@ -22,6 +23,7 @@ from qtpy.QtWidgets import QFrame, QLabel, QScrollArea, QVBoxLayout, QWidget
 
 from .autosave_panel import AutosavePanel
 from .everything_panel import EverythingPanel
+from .finetune_panel import FinetunePanel
 from .labels_panel import LabelsPanel
 from .model_panel import ModelPanel
 from .prompt_panel import PromptPanel
@@ -60,6 +62,7 @@ class SamLabelerWidget(QWidget):
         self.labels = LabelsPanel(self.state, self)
         self.stack = StackPanel(self.state, self)
         self.everything = EverythingPanel(self.state, self)
+        self.finetune_panel = FinetunePanel(self.state, self)
         self.autosave = AutosavePanel(self.state, self)
         self._build_ui()
         self._connect_viewer()
@@ -71,7 +74,8 @@ class SamLabelerWidget(QWidget):
         content = QWidget()
         layout = QVBoxLayout(content)
         # the restore offer first: it only shows when there is something to restore
-        for panel in (self.autosave, self.model, self.prompts, self.labels, self.stack, self.everything):
+        for panel in (self.autosave, self.model, self.prompts, self.labels, self.stack, self.everything,
+                      self.finetune_panel):
             layout.addWidget(panel)
         layout.addStretch(1)
         # The status line stays above the scrolling controls: on a laptop screen the bottom
@@ -136,6 +140,7 @@ class SamLabelerWidget(QWidget):
         # a labels layer is written only when chosen (or made by the widget): when the chosen
         # one is deleted the choice falls back to "(new labels layer)", never to another layer
         self.state.labels_combo.refresh(self.viewer.layers, exclude=own)
+        self.finetune_panel.refresh(self.viewer.layers, exclude=own)
         if self.state.image_combo.refresh(self.viewer.layers, exclude=own):
             self._on_image_changed()
 
@@ -241,3 +246,10 @@ class SamLabelerWidget(QWidget):
 
     def cancel_everything(self) -> None:
         self.everything.cancel()
+
+    def finetune(self) -> None:
+        """Fine-tune the mask decoder on the labels layer chosen in the Fine-tune panel (worker)."""
+        self.finetune_panel.run()
+
+    def cancel_finetune(self) -> None:
+        self.finetune_panel.cancel()

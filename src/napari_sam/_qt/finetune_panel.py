@@ -1,0 +1,203 @@
+"""The "Fine-tune" panel: train SAM's mask decoder on a labels layer, then use the new model.
+
+The image chosen above and a labels layer of its shape (2D, or a stack whose labelled slices
+are used) go to :func:`napari_sam.api.finetune_steps` in a worker: embedding (through the
+dock's cache and SAM contrast, so slices embedded before are reused), then training with a
+progress bar; Cancel writes a checkpoint that "Continue" resumes. The result line shows the
+validation Dice before and after; "Use it" makes the new folder the dock's model (the
+Model field's ▾ menu lists every fine-tuned model in the models folder).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from napari.layers import Labels
+from napari.qt.threading import create_worker
+from napari.utils import progress
+from napari.utils.notifications import show_info, show_warning
+from qtpy.QtWidgets import QCheckBox, QFormLayout, QGroupBox, QLabel, QLineEdit, QSpinBox
+
+from ..api import (FinetuneConfig, Stack, check_finetune_output, finetune_steps, models_folder,
+                   resolve_intensity)
+from .controls import advance, button, row
+from .layer_choice import LayerChoice
+from .state import LabelerState, load_engine
+
+
+class FinetunePanel(QGroupBox):
+    """Labels layer, epochs, output folder; Fine-tune / Cancel; before/after Dice; Use it."""
+
+    def __init__(self, state: LabelerState, host):
+        super().__init__("Fine-tune")
+        self.state, self.host = state, host
+        self.worker = None
+        self.result = None
+        self._progress = None
+        self._stop = False
+        form = QFormLayout(self)
+        self.labels_choice = LayerChoice(Labels)
+        self.labels_choice.setToolTip("Labels of the image above to learn from: each label id is one object "
+                                      "(a stack: its labelled slices)")
+        form.addRow("Labels", self.labels_choice)
+        self.epochs_spin = QSpinBox()
+        self.epochs_spin.setRange(1, 10000)
+        self.epochs_spin.setValue(FinetuneConfig().epochs)
+        self.epochs_spin.setToolTip("Passes over the objects at most; training stops earlier when the "
+                                    "validation Dice stops rising")
+        form.addRow("Epochs", self.epochs_spin)
+        self.output_edit = QLineEdit()
+        self.output_edit.setPlaceholderText("(new folder in the models folder)")
+        self.output_edit.setToolTip(f"The new model's folder; empty: a new folder in {models_folder()}")
+        form.addRow("Save to", self.output_edit)
+        self.resume_check = QCheckBox("Continue the stopped run in this folder")
+        self.resume_check.setVisible(False)
+        form.addRow(self.resume_check)
+        self.run_button = button("Fine-tune on this labels layer", self.run,
+                                 tooltip="Train the mask decoder on these labels (the encoder stays frozen)")
+        self.cancel_button = button("Cancel", self.cancel, enabled=False)
+        form.addRow(row(self.run_button, self.cancel_button))
+        self.result_label = QLabel("")
+        self.result_label.setWordWrap(True)
+        form.addRow(self.result_label)
+        self.use_button = button("Use the fine-tuned model", self.use_model, enabled=False)
+        form.addRow(self.use_button)
+
+    def refresh(self, layers, exclude) -> None:
+        self.labels_choice.refresh(layers, exclude=exclude)
+
+    def _busy(self, busy: bool) -> None:
+        self.run_button.setEnabled(not busy)
+        self.cancel_button.setEnabled(busy)
+
+    def cancel(self) -> None:
+        """Stop after the current step; the checkpoint is kept for Continue."""
+        if self.worker is not None:
+            self._stop = True
+            self.state.set_status("Fine-tune: stopping after this step …")
+
+    def _output(self, image_name: str) -> Path:
+        text = self.output_edit.text().strip()
+        if text:
+            return Path(text).expanduser()
+        safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in image_name).strip("-") or "model"
+        return models_folder() / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    def run(self) -> None:
+        state = self.state
+        image = state.image_layer
+        labels = self.labels_choice.layer(state.viewer.layers)
+        if image is None or labels is None:
+            show_warning("SAM Labeler: choose an image and a labels layer to fine-tune on.")
+            return
+        problem = state.unsupported(image)
+        if problem:
+            show_warning(f"SAM Labeler: {problem}")
+            return
+        spatial = tuple(image.data.shape[:-1] if image.rgb else image.data.shape)
+        if tuple(labels.data.shape) != spatial:
+            show_warning(f"SAM Labeler: labels {labels.name!r} {tuple(labels.data.shape)} do not cover image "
+                         f"{image.name!r} {spatial} pixel for pixel.")
+            return
+        busy = (self.worker, state.embed_worker, state.stack_worker, self.host.everything.worker)
+        if any(w is not None for w in busy):
+            show_info("SAM Labeler: wait for the running task (or cancel it).")
+            return
+        resume = not self.resume_check.isHidden() and self.resume_check.isChecked()
+        output = self._output(image.name)
+        try:
+            check_finetune_output(output, resume=resume)
+        except ValueError as exc:
+            show_warning(f"SAM Labeler: {output} cannot take this fine-tune: "
+                         + ("it holds no stopped run to continue." if resume else
+                            "it is not empty (choose a new folder, or leave 'Save to' empty)."
+                            if "not empty" in str(exc) else
+                            "it holds a fine-tune already (choose a new folder, or leave 'Save to' empty)."))
+            return
+        self.output_edit.setText(str(output))
+        config = FinetuneConfig(epochs=self.epochs_spin.value())
+        requested = self.host.model.requested_engine()
+        loaded, cache = state.engine, state.cache
+        data, rgb, uid = image.data, image.rgb, image.unique_id
+        target = np.array(labels.data)  # a copy: editing the layer meanwhile changes nothing here
+        mapping, options = state.mappings.get(uid), state.intensity_options(image)
+        is_stack = image.ndim == 3 and not rgb
+        self._stop = False
+
+        def work():
+            engine = loaded
+            if engine is None:
+                yield ("Loading model …", 0, 1)
+                engine = load_engine(requested, state.set_status)
+            used = mapping
+            if used is None:  # the dock's own SAM contrast: embeddings made before are reused
+                used = (Stack(data, **options).mapping if is_stack
+                        else resolve_intensity(data, multichannel=rgb, **options))
+            images = data if is_stack else np.asarray(data)
+            steps = finetune_steps(engine, images, target, output, config=config, cache=cache, mapping=used,
+                                   resume=resume, cancelled=lambda: self._stop)
+            while True:
+                try:
+                    p = next(steps)
+                except StopIteration as done:
+                    return engine, used, done.value
+                yield (f"Fine-tune: {p.message}", p.done, p.total)
+
+        def returned(value):
+            engine, used, result = value
+            state.use_engine(engine, requested)
+            state.mappings[uid] = used
+            self._show(result)
+
+        self._busy(True)
+        self.result_label.setText("")
+        self._progress = progress(total=0, desc="SAM: fine-tune")
+        self.worker = create_worker(work, _connect={
+            "yielded": self._on_progress, "returned": returned, "errored": state.report_error,
+            "finished": self._on_finished})
+
+    def _on_progress(self, value) -> None:
+        text, done, total = value
+        advance(self._progress, done, total)
+        self.state.set_status(text)
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        self._busy(False)
+
+    def _show(self, result) -> None:
+        self.result = result
+        stopped = result.stopped == "cancelled"
+        resumable = stopped and result.steps > 0
+        self.resume_check.setVisible(resumable)
+        self.resume_check.setChecked(resumable)
+        if stopped and not resumable:
+            text = "Stopped while embedding; what was embedded stays cached for the next run."
+        elif stopped:
+            text = (f"Stopped after {result.steps} steps; the checkpoint is in {result.model_dir}. "
+                    "Press Fine-tune again to continue.")
+        elif result.dice_before is None:
+            text = f"Trained {result.steps} steps (no validation split); saved to {result.model_dir}."
+        else:
+            by = result.dice_by_prompt
+            text = (f"Validation Dice {result.dice_before:.3f} → {result.dice_after:.3f} "
+                    f"(box {by['box'][0]:.2f} → {by['box'][1]:.2f}, click {by['point'][0]:.2f} → "
+                    f"{by['point'][1]:.2f}); {result.steps} steps, stopped by {result.stopped}. "
+                    f"Saved to {result.model_dir}.")
+        self.result_label.setText(text)
+        self.use_button.setEnabled(not stopped)
+        if not stopped:
+            self.output_edit.clear()  # the next run makes a new folder; this one is a finished model
+        self.state.set_status(f"Fine-tune: {text}")
+        self.state.finetuned.emit(result)
+
+    def use_model(self) -> None:
+        """Make the fine-tuned folder the dock's model (it loads with the next embedding)."""
+        if self.result is None or self.result.stopped == "cancelled":
+            return
+        self.host.model.choose_model(self.result.model_dir)
