@@ -320,3 +320,18 @@ def test_loss_rewards_the_object_and_ignores_the_padding(kind):
     assert float(err_right) == pytest.approx(0.0)  # the IoU head predicted the true IoU (1)
     _, err = ft._losses(right, torch.zeros(1, 1), target, valid, kind)
     assert float(err) == pytest.approx(1.0)
+
+
+def test_a_bf16_engine_trains_from_the_float32_decoder(ft_dir, ft_engine, tmp_path):
+    """A bf16 engine's decoder weights are rounded: training starts from the float32 ones on
+    disk, so a run begun in bf16 resumes in fp32 (the same starting decoder)."""
+    engine = load_model(ft_dir, device="cpu", dtype="bf16", backend="torch")
+    parts, _ = ft.decoder_parts(engine)
+    base = ft_engine.model.state_dict()
+    for key, value in parts.state_dict().items():
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, base[key], rtol=0, atol=0)
+    images, labels = dataset(4)
+    finetune(engine, images, labels, tmp_path / "m", config=FinetuneConfig(epochs=1, **FAST))
+    more = finetune(ft_engine, images, labels, tmp_path / "m", config=FinetuneConfig(epochs=2, **FAST), resume=True)
+    assert more.epochs == 2

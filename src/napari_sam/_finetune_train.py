@@ -16,6 +16,7 @@ import numpy as np
 from . import _finetune_data as fd
 from . import preprocess as pp
 from ._types import Prompt
+from .checkpoints import load_sam_model, weights_fingerprint
 from .engine import SamEngine
 from .volume import Stack, embed_cached_steps
 
@@ -154,6 +155,11 @@ def decoder_parts(engine: SamEngine):
     import torch
 
     m = engine.model
+    if next(m.mask_decoder.parameters()).dtype != torch.float32:
+        m = load_sam_model(engine.source)  # the float32 weights: a bf16/fp16 engine's were rounded
+        if weights_fingerprint(m) != engine.fingerprint:
+            raise ValueError(f"the weights at {engine.source.describe()} changed since the model was loaded; "
+                             "load it again")
     # one deepcopy: the prompt encoder's positional embedding stays tied to the model's
     pe, md, shared = copy.deepcopy((m.prompt_encoder, m.mask_decoder, m.shared_image_embedding))
     parts = _parts_class()(m.config, pe, md, shared).to(device=engine.device, dtype=torch.float32)
