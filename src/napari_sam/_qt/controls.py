@@ -49,3 +49,28 @@ def advance(bar, done, total, description: str | None = None) -> None:
         bar.set_description(description)
     bar.n = done
     bar.refresh()
+
+
+class WorkerTask:
+    """For a panel that runs one worker at a time with a napari progress bar and Run/Cancel
+    buttons (``run_button``, ``cancel_button``, ``state``): the bar and buttons follow it.
+    The worker yields ``(status text, done, total)``."""
+
+    worker = None
+    _progress = None
+
+    def _busy(self, busy: bool) -> None:
+        self.run_button.setEnabled(not busy)
+        self.cancel_button.setEnabled(busy)
+
+    def _on_progress(self, value) -> None:
+        text, done, total = value
+        advance(self._progress, done, total)
+        self.state.set_status(text)
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        self._busy(False)

@@ -18,7 +18,7 @@ from napari.utils.notifications import show_info, show_warning
 from qtpy.QtWidgets import QCheckBox, QDoubleSpinBox, QFormLayout, QGroupBox, QSpinBox
 
 from ..api import EverythingParams, Stack, segment_everything_steps, segment_everything_volume_steps
-from .controls import advance, button, row
+from .controls import WorkerTask, button, row
 from .placement import placement
 from .state import LabelerState, load_engine
 
@@ -36,7 +36,7 @@ def _spin(low, high, value, tip, step=None, decimals=None):
     return spin
 
 
-class EverythingPanel(QGroupBox):
+class EverythingPanel(WorkerTask, QGroupBox):
     """Grid density and filters (Meta's defaults); Segment everything / Cancel."""
 
     def __init__(self, state: LabelerState, host):
@@ -80,10 +80,6 @@ class EverythingPanel(QGroupBox):
 
     def show_for(self, layer) -> None:
         self.range_check.setVisible(layer is not None and layer.ndim == 3 and not layer.rgb)
-
-    def _busy(self, busy: bool) -> None:
-        self.run_button.setEnabled(not busy)
-        self.cancel_button.setEnabled(busy)
 
     def cancel(self) -> None:
         if self.worker is not None:
@@ -177,18 +173,6 @@ class EverythingPanel(QGroupBox):
             "aborted": lambda: state.set_status("Segment everything stopped; no layer was added."),
             "finished": self._on_finished,
         })
-
-    def _on_progress(self, value) -> None:
-        text, done, total = value
-        advance(self._progress, done, total)
-        self.state.set_status(text)
-
-    def _on_finished(self) -> None:
-        self.worker = None
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
-        self._busy(False)
 
     def _show(self, image, result, filled, where: str) -> None:
         """A new labels layer above the image, filled as one undoable edit."""

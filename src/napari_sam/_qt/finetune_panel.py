@@ -22,12 +22,12 @@ from qtpy.QtWidgets import QCheckBox, QFormLayout, QGroupBox, QLabel, QLineEdit,
 
 from ..api import (FinetuneConfig, Stack, check_finetune_output, finetune_steps, models_folder,
                    resolve_intensity)
-from .controls import advance, button, row
+from .controls import WorkerTask, button, row
 from .layer_choice import LayerChoice
 from .state import LabelerState, load_engine
 
 
-class FinetunePanel(QGroupBox):
+class FinetunePanel(WorkerTask, QGroupBox):
     """Labels layer, epochs, output folder; Fine-tune / Cancel; before/after Dice; Use it."""
 
     def __init__(self, state: LabelerState, host):
@@ -67,10 +67,6 @@ class FinetunePanel(QGroupBox):
 
     def refresh(self, layers, exclude) -> None:
         self.labels_choice.refresh(layers, exclude=exclude)
-
-    def _busy(self, busy: bool) -> None:
-        self.run_button.setEnabled(not busy)
-        self.cancel_button.setEnabled(busy)
 
     def cancel(self) -> None:
         """Stop after the current step; the checkpoint is kept for Continue."""
@@ -157,18 +153,6 @@ class FinetunePanel(QGroupBox):
         self.worker = create_worker(work, _connect={
             "yielded": self._on_progress, "returned": returned, "errored": state.report_error,
             "finished": self._on_finished})
-
-    def _on_progress(self, value) -> None:
-        text, done, total = value
-        advance(self._progress, done, total)
-        self.state.set_status(text)
-
-    def _on_finished(self) -> None:
-        self.worker = None
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
-        self._busy(False)
 
     def _show(self, result) -> None:
         self.result = result
