@@ -47,6 +47,8 @@ _LAZY = {
     "segment_everything": "api",
     "segment_everything_volume": "api",
     "EverythingParams": "api",
+    "finetune": "api",
+    "FinetuneConfig": "api",
 }
 
 __all__ = ["__version__", *_LAZY]
