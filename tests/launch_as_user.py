@@ -104,6 +104,7 @@ def step(viewer) -> None:
     report["status"] = widget.status.text()
     if MODE == "plugin":
         segment_everything(viewer, widget, app)
+        fine_tune(viewer, widget, app)
     finish(0)
 
 
@@ -131,6 +132,37 @@ def segment_everything(viewer, widget, app) -> None:
     report["everything_dtype"] = str(layer.data.dtype)
     report["everything_objects"] = len(layer.metadata.get("everything", []))
     report["everything_ids"] = int(len(set(layer.data.ravel().tolist()) - {0}))
+
+
+def fine_tune(viewer, widget, app) -> None:
+    """Paint two labels on the image, press "Fine-tune on this labels layer" for one epoch, wait."""
+    import numpy as np
+    from qtpy.QtCore import Qt
+    from qtpy.QtTest import QTest
+
+    image = widget.state.image_layer
+    labels = np.zeros(image.data.shape[:2], np.uint8)
+    labels[40:90, 50:110] = 1
+    labels[300:380, 200:260] = 2
+    viewer.add_labels(labels, name="painted")
+    panel = widget.finetune_panel
+    panel.labels_choice.select(viewer.layers["painted"])
+    panel.epochs_spin.setValue(1)
+    done = {}
+    widget.finetuned.connect(lambda result: done.setdefault("result", result))
+    QTest.mouseClick(panel.run_button, Qt.MouseButton.LeftButton)
+    start = time.monotonic()
+    while "result" not in done and time.monotonic() - start < TIMEOUT_S:
+        app.processEvents()
+        time.sleep(0.01)
+    if "result" not in done:
+        report["error"] = f"no fine-tune within {TIMEOUT_S} s; status: {widget.status.text()!r}"
+        finish(6)
+    result = done["result"]
+    report["finetune_stopped"] = result.stopped
+    report["finetune_dice"] = [result.dice_before, result.dice_after]
+    report["finetune_folder_files"] = sorted(p.name for p in __import__("pathlib").Path(result.model_dir).iterdir())
+    report["finetune_text"] = panel.result_label.text()
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ CLICK = (60.0, 80.0)  # must match launch_as_user.CLICK
 def run_as_user(mode: str, model_dir, tmp_path, timeout: float = 400) -> tuple[dict, subprocess.CompletedProcess]:
     env = dict(os.environ)
     env.update(NAPARI_SAM_MODEL=str(model_dir), NAPARI_SAM_CACHE=str(tmp_path / "cache"),
+               NAPARI_SAM_MODELS=str(tmp_path / "models"),
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONFAULTHANDLER="1")
     env.pop("NAPARI_SAM_TRITON", None)
     proc = subprocess.run([sys.executable, str(SCRIPT), mode], env=env, capture_output=True,
@@ -64,6 +65,10 @@ def test_first_click_gives_a_preview_in_a_fresh_process(mode, tiny_sam_dir, tmp_
         assert result["everything_layer"].endswith(" everything"), result
         assert result["everything_dtype"] == "uint32", result
         assert result["everything_objects"] == result["everything_ids"] >= 1, result
+        # and "Fine-tune on this labels layer" on two painted labels: a model folder, Dice shown
+        assert result["finetune_stopped"] == "epochs", result
+        assert "model.safetensors" in result["finetune_folder_files"], result
+        assert result["finetune_text"].startswith("Validation Dice"), result
     if mode == "demo":
         # the image is visible beside the dock: the demo maximises and narrows the docks
         window_w, _ = result["window_size"]
