@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import time
 
 import pytest
+import numpy as np
 import tifffile
 from skimage import io as skio
 
@@ -82,7 +84,6 @@ def test_ctrl_c_keeps_a_checkpoint_and_resume_finishes(ft_dir, folders, tmp_path
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "--resume" in stderr and not (out / "model.safetensors").exists()
-    import json
 
     steps = json.loads(state.read_text())["loop"]["step"]
     assert steps >= 1
@@ -91,3 +92,28 @@ def test_ctrl_c_keeps_a_checkpoint_and_resume_finishes(ft_dir, folders, tmp_path
     assert (out / "model.safetensors").is_file()
     record = json.loads((out / "napari_sam.json").read_text())["finetune"]
     assert record["steps"] == steps + 1 and record["stopped"] == "max_steps"
+
+
+def test_nifti_pairs_on_one_grid_train_and_other_grids_are_refused(ft_dir, tmp_path, capsys):
+    """A CT and its labels as NIfTI (what 3D Slicer and nnU-Net users have): read by the same
+    reader, so both arrive in one orientation; labels on another grid are refused."""
+    nib = pytest.importorskip("nibabel")
+    images, labels = dataset(5)
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    # NIfTI arrays are (x, y, z): our (Z, Y, X) stack transposed
+    nib.save(nib.Nifti1Image(np.stack(images).astype(np.int16).T, affine), tmp_path / "ct.nii.gz")
+    nib.save(nib.Nifti1Image(np.stack(labels).astype(np.uint8).T, affine), tmp_path / "ct_seg.nii.gz")
+    code = main(["finetune", str(tmp_path / "ct.nii.gz"), str(tmp_path / "ct_seg.nii.gz"), "-o",
+                 str(tmp_path / "m"), "--model", str(ft_dir), "--backend", "torch", "--device", "cpu",
+                 "--epochs", "1", "--window", "100,200"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    record = json.loads((tmp_path / "m" / "napari_sam.json").read_text())["finetune"]
+    assert record["slices"] == 5 and record["train_objects"] + record["val_objects"] == 10
+    shifted = affine.copy()
+    shifted[0, 3] = 5.0
+    nib.save(nib.Nifti1Image(np.stack(labels).astype(np.uint8).T, shifted), tmp_path / "moved_seg.nii.gz")
+    code = main(["finetune", str(tmp_path / "ct.nii.gz"), str(tmp_path / "moved_seg.nii.gz"), "-o",
+                 str(tmp_path / "m2"), "--model", str(tmp_path / "none")])
+    err = capsys.readouterr().err
+    assert code == 2 and "not on the grid" in err and "loading model" not in err

@@ -10,7 +10,7 @@ import numpy as np
 
 from .api import FinetuneConfig
 
-IMAGE_SUFFIXES = (".tif", ".tiff", ".npy", ".png", ".jpg", ".jpeg", ".bmp")
+IMAGE_SUFFIXES = (".tif", ".tiff", ".npy", ".png", ".jpg", ".jpeg", ".bmp", ".nii", ".nii.gz")
 # a labels file may carry one of these after the image's name (cell_07.tif -> cell_07_labels.tif)
 LABEL_TAGS = ("", "_labels", "_label", "_masks", "_mask", "_seg", "_gt")
 
@@ -33,7 +33,7 @@ OPTIONS = [
 
 def add_parser(sub, add_model_args, add_cache_args, add_intensity_args) -> None:
     p = sub.add_parser("finetune", help="fine-tune the mask decoder on labelled images into a new model folder")
-    p.add_argument("images", help="an image/stack file, or a folder of them (TIFF, .npy, PNG, JPEG)")
+    p.add_argument("images", help="an image/stack file, or a folder of them (TIFF, .npy, PNG, JPEG, NIfTI)")
     p.add_argument("labels", help="its labels file (same shape; 0 = background, each id one object), or a folder "
                    "with one labels file per image: same name, or the name plus _labels/_mask/_seg/_gt")
     p.add_argument("-o", "--output", required=True, help="the new model's folder (new or empty; with --resume "
@@ -63,7 +63,26 @@ def _files(folder: Path) -> list[Path]:
 
 def _stem(path: Path) -> str:
     name = path.name
-    return name[: -len(".ome.tif")] if name.lower().endswith(".ome.tif") else path.stem
+    for double in (".ome.tif", ".ome.tiff", ".nii.gz"):
+        if name.lower().endswith(double):
+            return name[: -len(double)]
+    return path.stem
+
+
+def _nifti(path: Path, user_error, labels: bool):
+    """A NIfTI volume as (Z, Y, X) in patient-space order, with its affine (labels as integers)."""
+    from .io.nifti import read_nifti
+
+    try:
+        data, affine, _ = read_nifti(path)
+    except ModuleNotFoundError as exc:
+        raise user_error(f"{path}: reading NIfTI needs nibabel: pip install 'napari-sam-labeler[medical]'") from exc
+    data = np.asarray(data)
+    if data.ndim != 3:
+        raise user_error(f"{path}: a {data.ndim}D NIfTI {data.shape}; fine-tuning takes 3D volumes")
+    if labels and data.dtype.kind == "f" and np.array_equal(data, np.round(data)) and data.min() >= 0:
+        data = data.astype(np.uint32)
+    return data, affine
 
 
 def pair_files(images: Path, labels: Path, user_error) -> list[tuple[Path, Path]]:
@@ -96,10 +115,22 @@ def pair_files(images: Path, labels: Path, user_error) -> list[tuple[Path, Path]
 def _read(pairs, api, user_error):
     images, labels = [], []
     for image_path, label_path in pairs:
-        lab = np.asarray(api.read_image(label_path))
+        nifti = [str(p).lower().endswith((".nii", ".nii.gz")) for p in (image_path, label_path)]
+        if any(nifti):
+            if not all(nifti):
+                raise user_error(f"{image_path} and {label_path}: pair a NIfTI with a NIfTI (their grids must match)")
+            image, image_affine = _nifti(image_path, user_error, labels=False)
+            lab, label_affine = _nifti(label_path, user_error, labels=True)
+            if lab.shape == image.shape and not np.allclose(image_affine, label_affine, atol=1e-3):
+                raise user_error(f"{label_path} is not on the grid of {image_path} (their affines differ): "
+                                 "resample the labels onto the image first")
+        else:
+            lab = np.asarray(api.read_image(label_path))
+            image = None
         if lab.dtype.kind not in "biu":
             raise user_error(f"{label_path}: labels must be integer ids; it holds {lab.dtype} values")
-        image = api.open_volume(image_path) if lab.ndim == 3 else np.asarray(api.read_image(image_path))
+        if image is None:
+            image = api.open_volume(image_path) if lab.ndim == 3 else np.asarray(api.read_image(image_path))
         if tuple(image.shape[:lab.ndim]) != lab.shape:
             raise user_error(f"{image_path} {tuple(image.shape)} and {label_path} {lab.shape} differ in shape: "
                              "the labels must cover the image pixel for pixel")
