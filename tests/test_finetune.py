@@ -154,13 +154,11 @@ def test_cancel_then_resume_ends_where_an_uninterrupted_run_does(ft_engine, tmp_
     images, labels = dataset(8)
     cfg = FinetuneConfig(epochs=4, checkpoint_every=1000, **FAST)
     whole = finetune(ft_engine, images, labels, tmp_path / "whole", config=cfg)
-    calls = {"n": 0}
+    steps = []
 
-    def cancel_at_step_5():
-        calls["n"] += 1
-        return calls["n"] > 5
-
-    part = finetune(ft_engine, images, labels, tmp_path / "part", config=cfg, cancelled=cancel_at_step_5)
+    part = finetune(ft_engine, images, labels, tmp_path / "part", config=cfg,
+                    on_progress=lambda p: steps.append(p.done) if p.phase == "train" else None,
+                    cancelled=lambda: len(steps) >= 5)
     assert part.stopped == "cancelled" and part.steps == 5
     assert not (tmp_path / "part" / "model.safetensors").exists()  # only the checkpoint
     resumed = finetune(ft_engine, images, labels, tmp_path / "part", config=cfg, resume=True)
