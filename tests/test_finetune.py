@@ -23,6 +23,24 @@ FAST = dict(learning_rate=1e-3, train_prompt_encoder=True, patience=100)
 # --- the trainable decoder is what predict runs ----------------------------------------
 
 
+def test_targets_from_object_regions_match_whole_image_reduction():
+    from napari_sam._types import medsam_input_spec, sam_input_spec
+
+    rng = np.random.default_rng(3)
+    for spec in (sam_input_spec(1024), sam_input_spec(256), medsam_input_spec(256)):
+        for shape in [(96, 96), (130, 517), (700, 333), (37, 2000), (5, 7)]:
+            lab = np.zeros(shape, np.int32)
+            for k in range(1, 6):
+                r, c = rng.integers(0, shape[0]), rng.integers(0, shape[1])
+                lab[max(0, r - 30):r + 30, max(0, c - 20):c + 25] = k
+            size = spec.target_length // 4
+            h, w = fd.low_res_frame(shape, spec, size)
+            cell = max(shape[0] / h, shape[1] / w)  # image pixels per cell
+            for o in fd.find_objects(lab, 0, spec, size, 1)[0]:
+                whole = fd.low_res_target(lab == o.label, spec, size)
+                np.testing.assert_allclose(o.low_res(size), whole, atol=(1 / cell if cell > 1 else 0) + 2e-3)
+
+
 def test_training_forward_is_the_decoder_predict_runs(ft_engine):
     rng = np.random.default_rng(1)
     image = rng.integers(0, 255, (96, 120)).astype(np.uint8)
@@ -66,7 +84,11 @@ def test_prompts_sampled_on_the_object():
         box = fd.jittered_box(o, lab.shape, spec, rng, 0.1)
         assert np.all(np.abs(box - np.asarray(o.box)) <= 20 * 96 / 256 + 1e-9)  # at most 20 model pixels
         assert truth[tuple(fd.centre_point(o).astype(int))]
-        assert o.target.shape == (64, 64) and abs(float(o.target.sum()) * (96 / 64) ** 2 - truth.sum()) < 0.05 * truth.sum()
+        target = o.low_res(64)
+        assert abs(float(target.sum()) * (96 / 64) ** 2 - truth.sum()) < 0.05 * truth.sum()
+        # computed on the object's region only, it is the whole image's box-filter reduction
+        # (to a pixel row of a cell: PIL counts pixels by their centres)
+        np.testing.assert_allclose(target, fd.low_res_target(truth, spec, 64), atol=1 / 1.5 + 1e-6)
 
 
 # --- it learns ---------------------------------------------------------------------------

@@ -29,8 +29,9 @@ class LabelledObject:
     """One label value of one labels image: a training or validation example.
 
     ``crop`` is the object's mask inside its tight box ``box`` = (row_min, col_min,
-    row_max, col_max) (inclusive); ``target`` the mask's area fraction per low-res
-    decoder pixel (float16, L x L); ``item`` indexes the image (or slice) it lies in.
+    row_max, col_max) (inclusive); ``target`` the mask's area fraction per low-res decoder
+    pixel over the cells its box touches (float16), whose first cell is ``target_at`` in
+    the L x L frame (:meth:`low_res` places it); ``item`` indexes the image (or slice).
     """
 
     item: int
@@ -38,6 +39,14 @@ class LabelledObject:
     box: tuple[int, int, int, int]
     crop: np.ndarray
     target: np.ndarray
+    target_at: tuple[int, int] = (0, 0)
+
+    def low_res(self, size: int) -> np.ndarray:
+        """The target in the decoder's whole ``size x size`` frame (float32)."""
+        out = np.zeros((size, size), np.float32)
+        i, j = self.target_at
+        out[i:i + self.target.shape[0], j:j + self.target.shape[1]] = self.target
+        return out
 
     @property
     def area(self) -> int:
@@ -77,33 +86,63 @@ def valid_map(original_size, spec: ModelInputSpec, low_res: int) -> np.ndarray:
     return valid
 
 
+def region_target(labels: np.ndarray, value, box, spec: ModelInputSpec, low_res: int):
+    """:func:`low_res_target` of ``labels == value``, computed over the low-res cells the
+    object's ``box`` touches only (PIL's box filter on that region, with the cells' exact
+    fractional bounds): memory and time follow the object's size, not the image's.
+    Returns (target crop float32, (row, col) of its first cell)."""
+    from PIL import Image
+
+    h, w = labels.shape
+    lh, lw = low_res_frame(labels.shape, spec, low_res)
+    sy, sx = h / lh, w / lw  # image pixels per low-res cell
+    r0, c0, r1, c1 = box
+    # the cells the box's pixels touch, one more on each side (a box filter's support can
+    # reach a neighbour when the grid is finer than the image), and the pixels under them
+    # with one more on each side too (the filter's support, clipped like the whole image's)
+    i0, i1 = max(0, int(r0 / sy) - 1), min(lh - 1, int(np.ceil((r1 + 1) / sy)))
+    j0, j1 = max(0, int(c0 / sx) - 1), min(lw - 1, int(np.ceil((c1 + 1) / sx)))
+    y0, y1, x0, x1 = i0 * sy, (i1 + 1) * sy, j0 * sx, (j1 + 1) * sx
+    Y0, Y1 = max(0, int(np.floor(y0)) - 1), min(h, int(np.ceil(y1)) + 1)
+    X0, X1 = max(0, int(np.floor(x0)) - 1), min(w, int(np.ceil(x1)) + 1)
+    region = (labels[Y0:Y1, X0:X1] == value).astype(np.float32)
+    frac = Image.fromarray(region).resize((j1 - j0 + 1, i1 - i0 + 1), Image.BOX,
+                                          box=(x0 - X0, y0 - Y0, x1 - X0, y1 - Y0))
+    return np.clip(np.asarray(frac, np.float32), 0.0, 1.0), (i0, j0)
+
+
+def object_areas(labels: np.ndarray):
+    """Label values (nonzero) of a 2D labels image, their bounding slices and pixel counts."""
+    from scipy import ndimage
+
+    labels = np.asarray(labels)
+    values = np.unique(labels)
+    values = values[values != 0]
+    if values.size == 0:
+        return values, [], np.zeros(0, np.int64)
+    ids = _dense_ids(labels, values)
+    return values, ndimage.find_objects(ids), np.bincount(ids.ravel(), minlength=values.size + 1)[1:]
+
+
 def find_objects(labels: np.ndarray, item: int, spec: ModelInputSpec, low_res: int, min_area: int):
     """The objects of one 2D labels image, and how many were too small to use.
 
     Each nonzero label value is one object (several pieces of one value stay one object:
     the user gave them one label). Objects under ``min_area`` pixels are skipped.
     """
-    from scipy import ndimage
-
     labels = np.asarray(labels)
-    values = np.unique(labels)
-    values = values[values != 0]
+    values, slices, areas = object_areas(labels)
     found, small = [], 0
-    if values.size == 0:
-        return found, small
-    slices = ndimage.find_objects(_dense_ids(labels, values))
     for k, sl in enumerate(slices):
         if sl is None:
             continue
-        crop = labels[sl] == values[k]
-        if int(crop.sum()) < min_area:
+        if areas[k] < min_area:
             small += 1
             continue
         box = (sl[0].start, sl[1].start, sl[0].stop - 1, sl[1].stop - 1)
-        full = np.zeros(labels.shape, bool)
-        full[sl] = crop
-        target = low_res_target(full, spec, low_res).astype(np.float16)
-        found.append(LabelledObject(item=item, label=int(values[k]), box=box, crop=crop, target=target))
+        target, at = region_target(labels, values[k], box, spec, low_res)
+        found.append(LabelledObject(item=item, label=int(values[k]), box=box, crop=labels[sl] == values[k],
+                                    target=target.astype(np.float16), target_at=at))
     return found, small
 
 

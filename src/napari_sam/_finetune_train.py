@@ -234,7 +234,8 @@ def train_step(parts, optimizer, batch, items, valid, spec, cfg, rng, device) ->
 
     boxes, points, labels, refine = _prompts(batch, items, spec, cfg, rng)
     feats = torch.cat([items[o.item].embedding.features for o in batch]).to(device, torch.float32)
-    target = torch.from_numpy(np.stack([o.target for o in batch]).astype(np.float32)).to(device)
+    size = valid[0].shape[-1]
+    target = torch.from_numpy(np.stack([o.low_res(size) for o in batch])).to(device)
     vmask = torch.from_numpy(np.stack([valid[o.item] for o in batch])).to(device)
     kw = dict(boxes=None if boxes is None else torch.from_numpy(boxes[:, None]).to(device),
               points=None if points is None else torch.from_numpy(points[:, None]).to(device),
