@@ -355,3 +355,84 @@ def test_a_bf16_engine_trains_from_the_float32_decoder(ft_dir, ft_engine, tmp_pa
     finetune(engine, images, labels, tmp_path / "m", config=FinetuneConfig(epochs=1, **FAST))
     more = finetune(ft_engine, images, labels, tmp_path / "m", config=FinetuneConfig(epochs=2, **FAST), resume=True)
     assert more.epochs == 2
+
+
+# --- what a tester found: nothing lost, errors early and named ------------------------------
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_data_is_refused(ft_engine, tmp_path):
+    images, labels = dataset(4)
+    finetune(ft_engine, images, labels, tmp_path / "m", config=FinetuneConfig(epochs=1, **FAST))
+    before = sorted(p.name for p in (tmp_path / "m").iterdir())
+    for bad in ([np.zeros_like(x) for x in labels], [x.astype(float) for x in labels]):
+        with pytest.raises((ValueError, TypeError)):
+            finetune(ft_engine, images, bad, tmp_path / "m", config=FinetuneConfig(epochs=1), overwrite=True)
+    with pytest.raises(TypeError, match="windw"):
+        finetune(ft_engine, images, labels, tmp_path / "m", overwrite=True, windw=(1, 2))
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == before
+    (tmp_path / "m" / "my_notes.txt").write_text("mine")
+    again = finetune(ft_engine, images, labels, tmp_path / "m", config=FinetuneConfig(epochs=1, seed=3, **FAST),
+                     overwrite=True)
+    assert again.steps == 1 and (tmp_path / "m" / "my_notes.txt").read_text() == "mine"
+    assert json.loads((tmp_path / "m" / "napari_sam.json").read_text())["finetune"]["settings"]["seed"] == 3
+
+
+def test_divergence_is_an_error_and_leaves_finite_weights(ft_engine, tmp_path):
+    from napari_sam._finetune_train import TrainingDiverged
+
+    images, labels = dataset(4)
+    with pytest.raises(TrainingDiverged, match="lower the learning rate"):
+        finetune(ft_engine, images, labels, tmp_path / "m",
+                 config=FinetuneConfig(epochs=50, learning_rate=1e30, val_fraction=0, checkpoint_every=1))
+    assert not (tmp_path / "m" / "model.safetensors").exists()
+    state = torch.load(tmp_path / "m" / ".finetune" / "tensors.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["parts"].values())
+
+
+def test_resume_names_a_changed_contrast_and_checks_before_embedding(ft_engine, tmp_path):
+    from napari_sam.api import check_finetune
+
+    images, labels = dataset(4)
+    cfg = FinetuneConfig(epochs=1, **FAST)
+    finetune(ft_engine, images, labels, tmp_path / "m", config=cfg, window=(100, 200))
+    with pytest.raises(CheckpointError, match="SAM contrast"):
+        check_finetune(images, labels, tmp_path / "m", config=cfg, resume=True, window=(50, 100))
+    calls = {"n": 0}
+    original = ft_engine.encoder.encode_steps
+
+    def counting(pixels):
+        calls["n"] += 1
+        return (yield from original(pixels))
+
+    ft_engine.encoder.encode_steps = counting
+    try:
+        with pytest.raises(CheckpointError, match="SAM contrast"):
+            finetune(ft_engine, images, labels, tmp_path / "m", config=cfg, resume=True, window=(50, 100))
+    finally:
+        del ft_engine.encoder.encode_steps
+    assert calls["n"] == 0  # refused before anything was embedded
+    assert check_finetune(images, labels, tmp_path / "m", config=cfg, resume=True, window=(100, 200)) == {
+        "slices": 4, "objects": 8, "small": 0, "unlabelled": []}
+
+
+def test_notes_names_and_card(ft_engine, tmp_path):
+    images, labels = dataset(5)
+    labels[2] = np.zeros_like(labels[2])
+    names = [f"cell_{k}.tif" for k in range(5)]
+    # a learning rate too small to change anything: the base decoder is kept, and said so
+    result = finetune(ft_engine, images, labels, tmp_path / "m", names=names,
+                      config=FinetuneConfig(epochs=2, learning_rate=1e-12))
+    assert result.best_epoch == 0
+    assert any("cell_2.tif" in n and "without labels" in n for n in result.notes)
+    assert any("base model's, unchanged" in n for n in result.notes)
+    assert result.held_out and all(h.startswith("cell_") for h in result.held_out)
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert f"Held out: {', '.join(result.held_out)}." in card and "unchanged" in card
+
+
+def test_config_type_and_seed_are_checked(ft_engine, tmp_path):
+    images, labels = dataset(2)
+    with pytest.raises(TypeError, match="FinetuneConfig"):
+        finetune(ft_engine, images, labels, tmp_path / "m", config={"epochs": 1})
+    with pytest.raises(ValueError, match="seed"):
+        FinetuneConfig(seed=-5).checked()

@@ -52,11 +52,34 @@ def test_finetune_folders_then_segment_with_the_new_model(ft_dir, folders, tmp_p
     assert again.returncode == 2 and "--resume" in again.stderr and "--overwrite" in again.stderr
 
 
+def _zero_all(lab_dir):
+    for path in lab_dir.iterdir():
+        tifffile.imwrite(path, np.zeros_like(tifffile.imread(path)))
+
+
+def _one_object(lab_dir):
+    for path in sorted(lab_dir.iterdir())[1:]:
+        path.unlink()
+    for path in lab_dir.parent.joinpath("images").iterdir():
+        if not path.name.startswith("cell_0."):
+            path.unlink()
+    lab = tifffile.imread(lab_dir / "cell_0_labels.tif")
+    tifffile.imwrite(lab_dir / "cell_0_labels.tif", (lab == 1).astype(np.uint8))
+
+
 @pytest.mark.parametrize("setup, args, message", [
     (lambda d, lab: (lab / "cell_0_labels.tif").unlink(), [], "no labels file in"),
     (lambda d, lab: None, ["--lr", "-1"], "learning_rate must be"),
+    (lambda d, lab: None, ["--seed", "-5"], "seed must be"),
     (lambda d, lab: None, ["--resume"], "no fine-tune checkpoint"),
     (lambda d, lab: (d / "out").mkdir() or (d / "out" / "keep.txt").write_text("x"), [], "not a napari-sam fine-tune"),
+    (lambda d, lab: _zero_all(lab), [], "hold no objects"),
+    (lambda d, lab: _one_object(lab), [], "second labelled object"),
+    (lambda d, lab: None, ["--min-area", "100000"], "min_area"),
+    (lambda d, lab: None, ["--preset", "liverish"], "liverish"),
+    (lambda d, lab: tifffile.imwrite(lab / "cell_0.tif", np.zeros((96, 96), np.uint8)), [], "2 labels files"),
+    (lambda d, lab: (d / "out").write_text("a file"), [], "not a folder"),
+    (lambda d, lab: None, ["-o", "/proc/napari-sam-finetune"], "cannot write into /proc"),
 ])
 def test_user_errors_are_one_line_before_the_model_loads(folders, tmp_path, capsys, setup, args, message):
     img_dir, lab_dir = folders
@@ -117,3 +140,15 @@ def test_nifti_pairs_on_one_grid_train_and_other_grids_are_refused(ft_dir, tmp_p
                  str(tmp_path / "m2"), "--model", str(tmp_path / "none")])
     err = capsys.readouterr().err
     assert code == 2 and "not on the grid" in err and "loading model" not in err
+
+
+def test_files_without_labels_are_skipped_and_said(ft_dir, folders, tmp_path):
+    img_dir, lab_dir = folders
+    tifffile.imwrite(lab_dir / "cell_1_labels.tif", np.zeros((96, 96), np.uint16))
+    res = run_cli("finetune", str(img_dir), str(lab_dir), "-o", str(tmp_path / "m"), "--model", str(ft_dir),
+                  "--backend", "torch", "--device", "cpu", "--epochs", "1")
+    assert res.returncode == 0, res.stderr
+    assert "10 objects in 5 labelled image(s)/slice(s); 1 file(s) without labels skipped" in res.stderr
+    assert "note: 1 image(s) without labels skipped: cell_1.png" in res.stderr
+    record = json.loads((tmp_path / "m" / "napari_sam.json").read_text())["finetune"]
+    assert record["held_out"] and all(h.startswith("cell_") for h in record["held_out"])

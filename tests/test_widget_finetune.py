@@ -104,3 +104,77 @@ def test_a_folder_holding_other_files_is_refused(labeler, qtbot, ft_engine, tmp_
     widget.finetune()
     assert widget.finetune_panel.worker is None
     assert [p.name for p in tmp_path.iterdir()] == ["thesis.txt"]
+
+
+def test_cancel_before_training_writes_nothing_and_runs_again(labeler, qtbot, ft_engine, tmp_path):
+    images, labels = dataset(6)
+    viewer, widget = labeler(np.stack(images))
+    widget.set_engine(ft_engine)
+    viewer.add_labels(np.stack(labels), name="truth")
+    panel = widget.finetune_panel
+    panel.epochs_spin.setValue(1)
+    panel.output_edit.setText(str(tmp_path / "mine"))
+
+    def on_status(text):
+        if "embedded" in text:
+            widget.cancel_finetune()
+
+    widget.state.status_changed.connect(on_status)
+    with qtbot.waitSignal(widget.finetuned, timeout=TIMEOUT) as blocker:
+        widget.finetune()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=TIMEOUT)
+    widget.state.status_changed.disconnect(on_status)
+    assert blocker.args[0].stopped == "cancelled" and blocker.args[0].steps == 0
+    assert not (tmp_path / "mine").exists()
+    assert panel.resume_check.isHidden() and "before training" in panel.result_label.text()
+    with qtbot.waitSignal(widget.finetuned, timeout=TIMEOUT) as blocker:
+        widget.finetune()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=TIMEOUT)
+    assert blocker.args[0].stopped == "epochs"
+
+
+def test_labels_edited_after_cancel_say_untick_continue_and_a_new_run_works(labeler, qtbot, ft_engine, tmp_path):
+    images, labels = dataset(6)
+    viewer, widget = labeler(np.stack(images))
+    widget.set_engine(ft_engine)
+    truth = viewer.add_labels(np.stack(labels), name="truth")
+    panel = widget.finetune_panel
+    panel.epochs_spin.setValue(1000)
+    panel.output_edit.setText(str(tmp_path / "first"))
+
+    def on_status(text):
+        if "step 1," in text:
+            widget.cancel_finetune()
+
+    widget.state.status_changed.connect(on_status)
+    with qtbot.waitSignal(widget.finetuned, timeout=TIMEOUT):
+        widget.finetune()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=TIMEOUT)
+    widget.state.status_changed.disconnect(on_status)
+    assert panel.resume_check.isChecked()
+    truth.data[0][truth.data[0] == 1] = 0  # the user corrects a label
+    panel.epochs_spin.setValue(1)
+    widget.finetune()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=TIMEOUT)
+    assert "untick 'Continue the stopped run'" in widget.status.text()
+    panel.resume_check.setChecked(False)
+    assert panel.output_edit.text() == ""  # a new folder for the new run
+    with qtbot.waitSignal(widget.finetuned, timeout=TIMEOUT) as blocker:
+        widget.finetune()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=TIMEOUT)
+    done = blocker.args[0]
+    assert done.stopped == "epochs" and Path(done.model_dir).parent == api.models_folder()
+    assert (tmp_path / "first" / ".finetune" / "state.json").is_file()  # the stopped run is kept
+
+
+def test_save_to_a_file_says_so(labeler, qtbot, ft_engine, tmp_path):
+    images, labels = dataset(1, n=4)
+    viewer, widget = labeler(images[0])
+    widget.set_engine(ft_engine)
+    viewer.add_labels(labels[0], name="truth")
+    (tmp_path / "notes.txt").write_text("keep")
+    widget.finetune_panel.output_edit.setText(str(tmp_path / "notes.txt"))
+    widget.finetune()
+    assert widget.finetune_panel.worker is None
+    assert "is a file, not a folder" in widget.status.text()
+    assert (tmp_path / "notes.txt").read_text() == "keep"

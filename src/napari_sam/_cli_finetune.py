@@ -33,9 +33,9 @@ OPTIONS = [
 
 def add_parser(sub, add_model_args, add_cache_args, add_intensity_args) -> None:
     p = sub.add_parser("finetune", help="fine-tune the mask decoder on labelled images into a new model folder")
-    p.add_argument("images", help="an image/stack file, or a folder of them (TIFF, .npy, PNG, JPEG, NIfTI)")
+    p.add_argument("images", help="an image/stack file, or a folder of them (TIFF, .npy, PNG, JPEG, BMP, NIfTI)")
     p.add_argument("labels", help="its labels file (same shape; 0 = background, each id one object), or a folder "
-                   "with one labels file per image: same name, or the name plus _labels/_mask/_seg/_gt")
+                   "with one labels file per image: same name, or the name plus " + "/".join(LABEL_TAGS[1:]))
     p.add_argument("-o", "--output", required=True, help="the new model's folder (new or empty; with --resume "
                    "or --overwrite an earlier fine-tune's)")
     for flag, _field, kind, text in OPTIONS:
@@ -96,17 +96,23 @@ def pair_files(images: Path, labels: Path, user_error) -> list[tuple[Path, Path]
         return [(images, labels)]
     if images.resolve() == labels.resolve():
         raise user_error(f"IMAGES and LABELS are the same folder {images}; keep the labels in their own folder")
-    by_stem = {_stem(p): p for p in _files(labels)}
+    by_stem: dict = {}
+    for p in _files(labels):
+        by_stem.setdefault(_stem(p), []).append(p)
     pairs, missing = [], []
     for image in _files(images):
-        match = next((by_stem[_stem(image) + tag] for tag in LABEL_TAGS if _stem(image) + tag in by_stem), None)
-        if match is None:
+        matches = [p for tag in LABEL_TAGS for p in by_stem.get(_stem(image) + tag, [])]
+        if len(matches) > 1:
+            raise user_error(f"{image.name} has {len(matches)} labels files in {labels}: "
+                             f"{', '.join(p.name for p in matches)}; keep one")
+        if not matches:
             missing.append(image.name)
         else:
-            pairs.append((image, match))
+            pairs.append((image, matches[0]))
     if missing and pairs:
         raise user_error(f"no labels file in {labels} for {', '.join(missing[:5])}"
-                         f"{' ...' if len(missing) > 5 else ''} (expected the same name, or with _labels/_mask)")
+                         f"{' ...' if len(missing) > 5 else ''} (expected the same name, or with "
+                         + "/".join(LABEL_TAGS[1:]) + ")")
     if not pairs:
         raise user_error(f"no image in {images} has a labels file of the same name in {labels}")
     return pairs
@@ -139,6 +145,12 @@ def _read(pairs, api, user_error):
     return images, labels
 
 
+def _bar(tqdm, phase: str, total: int):
+    # no rate: progress is set, not counted, and "161319 step/s" after a resume helps nobody
+    return tqdm(total=total, desc=phase, unit="image" if phase == "embed" else "step", file=sys.stderr,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
+
+
 def cmd_finetune(args, user_error, load_engine, open_cache, intensity) -> int:
     from tqdm import tqdm
 
@@ -149,39 +161,45 @@ def cmd_finetune(args, user_error, load_engine, open_cache, intensity) -> int:
     api.check_finetune_output(output, resume=args.resume, overwrite=args.overwrite)
     pairs = pair_files(Path(args.images), Path(args.labels), user_error)
     images, labels = _read(pairs, api, user_error)
+    names = [image.name for image, _ in pairs]
+    # the data, its objects, the SAM contrast and a checkpoint to resume: all before the model loads
+    plan = api.check_finetune(images, labels, output, config=cfg, resume=args.resume, overwrite=args.overwrite,
+                              names=names, **intensity)
     engine = load_engine(args)
     cache = open_cache(args)
-    print(f"{engine}; fine-tuning on {len(pairs)} labelled file(s) into {output} ...", file=sys.stderr)
+    skipped = f"; {len(plan['unlabelled'])} file(s) without labels skipped" if plan["unlabelled"] else ""
+    small = f", {plan['small']} under --min-area skipped" if plan["small"] else ""
+    print(f"{engine}; fine-tuning on {plan['objects']} objects in {plan['slices']} labelled image(s)/slice(s)"
+          f"{small}{skipped}; into {output} ...", file=sys.stderr)
     stop = {"asked": False}
 
     def on_interrupt(_signum, _frame):
         if stop["asked"]:
             raise KeyboardInterrupt
         stop["asked"] = True
-        print("\nnapari-sam: stopping after this step (a checkpoint is written; Ctrl-C again to quit now)",
-              file=sys.stderr)
+        print("\nnapari-sam: stopping after this step (Ctrl-C again to quit now)", file=sys.stderr)
 
     previous = signal.signal(signal.SIGINT, on_interrupt)
     bars: dict = {}
     try:
         steps = api.finetune_steps(engine, images, labels, output, config=cfg, cache=cache, resume=args.resume,
-                                   overwrite=args.overwrite, cancelled=lambda: stop["asked"], **intensity)
+                                   overwrite=args.overwrite, cancelled=lambda: stop["asked"], names=names,
+                                   **intensity)
         while True:
             try:
                 p = next(steps)
             except StopIteration as done:
                 result = done.value
                 break
-            unit = {"embed": "image", "train": "step"}.get(p.phase)
-            if unit is None:
+            if p.phase not in ("embed", "train"):
                 tqdm.write(p.message, file=sys.stderr)
                 continue
             bar = bars.get(p.phase)
             if bar is None:
                 for other in bars.values():
                     other.close()
-                bar = bars[p.phase] = tqdm(total=p.total, unit=unit, desc=p.phase, file=sys.stderr)
-            bar.n = round(p.done, 2) if p.phase == "embed" else int(p.done)
+                bar = bars[p.phase] = _bar(tqdm, p.phase, p.total)
+            bar.n = int(p.done)
             if p.loss is not None:
                 bar.set_postfix_str(f"loss {p.loss:.4f}")
             bar.refresh()
@@ -189,15 +207,22 @@ def cmd_finetune(args, user_error, load_engine, open_cache, intensity) -> int:
         signal.signal(signal.SIGINT, previous)
         for bar in bars.values():
             bar.close()
+    for note in result.notes:
+        print(f"napari-sam: note: {note}", file=sys.stderr)
     if result.stopped == "cancelled":
-        print(f"stopped after {result.steps} steps; checkpoint in {output}; run the same command with --resume "
-              "to continue", file=sys.stderr)
+        if (output / ".finetune" / "state.json").is_file():
+            print(f"stopped after {result.steps} steps; checkpoint in {output}; run the same command with --resume "
+                  "to continue", file=sys.stderr)
+        else:
+            print("stopped before training; nothing was written (what was embedded is cached): run the same "
+                  f"command{' with --resume' if args.resume else ''} to start", file=sys.stderr)
         return 130
     if result.dice_before is None:
         print(f"trained {result.steps} steps ({result.epochs} epochs, no validation); saved {output}")
     else:
         by = result.dice_by_prompt
+        kept = " (the base decoder: no epoch beat it)" if result.best_epoch == 0 else ""
         print(f"validation Dice {result.dice_before:.3f} -> {result.dice_after:.3f} (box {by['box'][0]:.3f} -> "
-              f"{by['box'][1]:.3f}, point {by['point'][0]:.3f} -> {by['point'][1]:.3f}); saved {output} "
+              f"{by['box'][1]:.3f}, point {by['point'][0]:.3f} -> {by['point'][1]:.3f}); saved {output}{kept} "
               f"(epoch {result.best_epoch} of {result.epochs}, stopped by {result.stopped})")
     return 0

@@ -23,9 +23,36 @@ from pathlib import Path
 from ._types import ModelInputSpec
 
 SIDECAR = "napari_sam.json"
+MODELS_ENV = "NAPARI_SAM_MODELS"
 CHECKPOINT = ".finetune"
 FORMAT = 1
 MODEL_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", SIDECAR, "README.md")
+
+
+def models_folder() -> Path:
+    """Where the widget puts fine-tuned models: ``$NAPARI_SAM_MODELS``, else the platform's
+    user data folder (``~/.local/share/napari-sam-labeler/models`` on Linux)."""
+    if os.environ.get(MODELS_ENV):
+        return Path(os.environ[MODELS_ENV]).expanduser()
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("napari-sam-labeler")) / "models"
+
+
+def finetuned_models(folder=None) -> list[dict]:
+    """The fine-tuned models in ``folder`` (default :func:`models_folder`), newest first:
+    ``{"path", "name", "base_model", "dice_before", "dice_after", "date"}`` each."""
+    root = Path(folder).expanduser() if folder is not None else models_folder()
+    found = []
+    if not root.is_dir():
+        return found
+    for sub in root.iterdir():
+        record = (read_sidecar(sub) or {}).get("finetune") if sub.is_dir() else None
+        if isinstance(record, dict) and (sub / "config.json").is_file():
+            found.append({"path": str(sub), "name": sub.name, "base_model": record.get("base_model"),
+                          "dice_before": record.get("dice_before"), "dice_after": record.get("dice_after"),
+                          "date": str(record.get("date", ""))})
+    return sorted(found, key=lambda m: m["date"], reverse=True)
 
 
 class CheckpointError(ValueError):
@@ -64,6 +91,7 @@ def check_output(output: Path, *, resume: bool, overwrite: bool, dry_run: bool =
     ``overwrite`` (and not ``dry_run``) remove the earlier fine-tune's checkpoint."""
     if output.exists() and not output.is_dir():
         raise ValueError(f"output {output} exists and is not a folder")
+    _writable(output)
     if not output.exists() or not any(output.iterdir()):
         if resume:
             raise CheckpointError(f"resume: {output} holds no fine-tune checkpoint to continue from")
@@ -86,7 +114,33 @@ def check_output(output: Path, *, resume: bool, overwrite: bool, dry_run: bool =
             "or overwrite=True (--overwrite) to start again there"
         )
     if not dry_run:
-        shutil.rmtree(output / CHECKPOINT, ignore_errors=True)
+        clear(output)
+
+
+def clear(output: Path) -> None:
+    """Remove an earlier fine-tune's checkpoint and model files from ``output`` (only those:
+    anything else the user keeps there stays)."""
+    shutil.rmtree(output / CHECKPOINT, ignore_errors=True)
+    for name in (*MODEL_FILES, "model.safetensors.index.json"):
+        (output / name).unlink(missing_ok=True)
+    for shard in output.glob("model-*-of-*.safetensors"):
+        shard.unlink()
+
+
+def _writable(output: Path) -> None:
+    """Raise unless ``output`` (or the folder it would be made in) can be written."""
+    import tempfile
+
+    target = output
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    if not target.is_dir():
+        raise ValueError(f"output {output}: {target} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=target):
+            pass
+    except OSError as exc:
+        raise ValueError(f"output {output}: cannot write into {target} ({exc.strerror or exc})") from None
 
 
 def _sha256(path: Path) -> str:
@@ -210,6 +264,8 @@ def model_card(record: dict) -> str:
         f"| one click at the centre | {_fmt(by.get('point', [None, None])[0])} | "
         f"{_fmt(by.get('point', [None, None])[1])} |",
         f"| mean | {_fmt(record['dice_before'])} | {_fmt(record['dice_after'])} |", "",
+        f"Held out: {', '.join(record['held_out']) or 'nothing (no validation split)'}.", "",
+        *([f"Note: {note}." for note in record.get("notes", [])] + ([""] if record.get("notes") else [])),
         "## Training", "",
         f"- {record['steps']} steps, {record['epochs']} epoch(s); saved: epoch {record['best_epoch']} "
         f"(the best validation Dice; epoch 0 is the base model); stopped by: {record['stopped']}",

@@ -21,6 +21,10 @@ from .engine import SamEngine
 from .volume import Stack, embed_cached_steps
 
 
+class TrainingDiverged(ValueError):
+    """The loss became NaN or infinite (a learning rate too high, usually)."""
+
+
 @dataclass
 class _Item:
     embedding: object
@@ -56,45 +60,99 @@ def pairs(images, labels) -> list[tuple[object, np.ndarray]]:
     return pairs
 
 
-def embed_items(engine, pairs, cache, mapping, intensity, cfg, objects, small_count):
-    """Embed every labelled image/slice (generator of progress); fills ``objects``."""
-    work = []
-    for i, (image, lab) in enumerate(pairs):
+@dataclass
+class Plan:
+    """What a fine-tune will learn from, found from the arrays alone (no model needed).
+
+    ``work``: (image, labels, mapping, name, source index) per labelled image/slice with a
+    usable object; ``data_key``/``contrast_key`` identify the pixels and labels, and the SAM
+    contrast (a checkpoint is only resumed with the same); ``objects`` usable objects,
+    ``small`` skipped under min_area; ``unlabelled`` names 2D images with no label at all.
+    """
+
+    work: list
+    data_key: str
+    contrast_key: str
+    objects: int
+    small: int
+    unlabelled: list
+
+
+def plan(images, labels, mapping, intensity, cfg, names=None) -> Plan:
+    """Check and index the data: every error about it is raised here, before any model work."""
+    given = pairs(images, labels)
+    if names is None:
+        names = [f"image {i}" for i in range(len(given))]
+    names = [str(n) for n in names]
+    if len(names) != len(given):
+        raise ValueError(f"got {len(names)} names for {len(given)} images")
+    work, unlabelled = [], []
+    for i, (image, lab) in enumerate(given):
         if lab.ndim == 2:
             image = pp.check_image_2d(image, f"images[{i}]")
             m = mapping or pp.resolve_intensity(image, **intensity)
             if lab.any():
-                work.append((image, lab, m, f"image {i}", i))
+                work.append((image, lab, m, names[i], i))
+            else:
+                unlabelled.append(names[i])
         else:
             stack = Stack(image, axis=0, mapping=mapping, **intensity)
             for z in range(lab.shape[0]):
                 if lab[z].any():
-                    work.append((stack[z], lab[z], stack.mapping, f"image {i} slice {z}", i))
+                    work.append((stack[z], lab[z], stack.mapping, f"{names[i]} slice {z}", i))
     if not work:
         raise ValueError("the labels hold no objects (every label image is 0 everywhere)")
-    items, digest = [], hashlib.blake2b(digest_size=16)
-    for n, (image, lab, m, name, source) in enumerate(work):
-        digest.update(np.ascontiguousarray(image).tobytes() + np.ascontiguousarray(lab).tobytes() + m.key().encode())
+    data, contrast = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16)
+    usable, small, kept, per_item = 0, 0, [], []
+    for entry in work:
+        image, lab, m = entry[:3]
+        data.update(np.ascontiguousarray(image).tobytes() + np.ascontiguousarray(lab).tobytes())
+        contrast.update(m.key().encode() + b";")
+        areas = fd.object_areas(lab)[2]
+        n = int((areas >= cfg.min_area).sum())
+        usable, small = usable + n, small + int((areas < cfg.min_area).sum())
+        if n:
+            kept.append(entry)
+            per_item.append(n)
+    if not usable:
+        raise ValueError(f"no labelled object has {cfg.min_area} pixels or more (min_area)")
+    if cfg.val_fraction > 0 and len(kept) < 2 and usable < 2:
+        raise ValueError("validation needs a second labelled object or image: label more, or pass "
+                         "val_fraction=0 (--val-fraction 0) to train without validation")
+    return Plan(kept, data.hexdigest(), contrast.hexdigest(), usable, small, unlabelled)
+
+
+def plan_objects(p: Plan, spec, low_res: int, min_area: int) -> list:
+    """The objects of every planned image/slice, with their low-res targets."""
+    objects = []
+    for k, (_image, lab, *_rest) in enumerate(p.work):
+        objects.extend(fd.find_objects(lab, k, spec, low_res, min_area)[0])
+    return objects
+
+
+def embed_items(engine, p: Plan, cache, cancelled=None):
+    """Embed every planned image/slice: a generator of ``(done, total, message)``; returns the
+    items, or None when ``cancelled()`` turned true (what was embedded stays in ``cache``)."""
+    items = []
+    for n, (image, lab, m, name, source) in enumerate(p.work):
         steps = (embed_cached_steps(engine, image, mapping=m, cache=cache) if cache is not None
                  else engine.embed_steps(image, mapping=m))
         while True:
+            if cancelled is not None and cancelled():
+                steps.close()
+                return None
             try:
                 done, total = next(steps)
             except StopIteration as stop:
                 embedding = stop.value
                 break
-            yield n + done / max(total, 1), len(work), f"embedding {name}"
-        found, small = fd.find_objects(lab, len(items), engine.spec, engine.low_res_size, cfg.min_area)
-        objects.extend(found)
-        small_count[0] += small
+            yield n + done / max(total, 1), len(p.work), f"embedding {name}"
         items.append(_Item(embedding, tuple(lab.shape), name, source))
-        yield n + 1, len(work), f"embedded {name}"
-    if not objects:
-        raise ValueError(f"no labelled object has {cfg.min_area} pixels or more (min_area)")
-    return items, digest.hexdigest()
+        yield n + 1, len(p.work), f"embedded {name}"
+    return items
 
 
-def split(items, objects, fraction, seed):
+def split(n_items: int, objects, fraction, seed):
     """Hold out whole images/slices when there are several, else some objects of the one."""
     if fraction == 0:
         return objects, []
@@ -104,9 +162,6 @@ def split(items, objects, fraction, seed):
         n_val = min(len(used) - 1, max(1, int(round(fraction * len(used)))))
         val_items = set(rng.permutation(used)[:n_val].tolist())
         return [o for o in objects if o.item not in val_items], [o for o in objects if o.item in val_items]
-    if len(objects) < 2:
-        raise ValueError("validation needs a second labelled object or image: label more, or pass "
-                         "val_fraction=0 (--val-fraction 0) to train without validation")
     n_val = min(len(objects) - 1, max(1, int(round(fraction * len(objects)))))
     order = rng.permutation(len(objects))
     val = set(order[:n_val].tolist())
@@ -254,15 +309,19 @@ def train_step(parts, optimizer, batch, items, valid, spec, cfg, rng, device) ->
         single_point = False
     low, iou = parts(feats, multimask=False, **kw)
     seg, iou_err = _losses(low, iou, target, vmask, cfg.loss)
-    loss = (seg[:, 0] + iou_err[:, 0]).mean()
+    shown = (seg[:, 0] + iou_err[:, 0]).mean()  # the single-mask loss: comparable from step to step
+    loss = shown
     if single_point:  # ambiguous: SAM's three candidates, the best one learns (as SAM trains)
         low3, iou3 = parts(feats, multimask=True, **kw)
         seg3, err3 = _losses(low3, iou3, target, vmask, cfg.loss)
         loss = loss + (seg3.min(1).values + err3.mean(1)).mean()
+    if not bool(torch.isfinite(loss)):  # before the update: the weights (and checkpoints) stay finite
+        raise TrainingDiverged(f"training diverged (the loss is {float(loss.detach())}): lower the learning rate "
+                               f"(now {cfg.learning_rate:g}; --lr)")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return float(loss.detach())
+    return float(shown.detach())
 
 
 # --- validation -------------------------------------------------------------------------

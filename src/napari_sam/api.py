@@ -31,9 +31,9 @@ from .engine import SamEngine, load_model
 from .automatic import (
     segment_everything, segment_everything_steps, segment_everything_volume, segment_everything_volume_steps,
 )
-from .finetune import (MODELS_ENV, FinetuneConfig, FinetuneProgress, FinetuneResult, check_finetune_output,
-                       finetune, finetune_steps, finetuned_models, models_folder)
-from ._finetune_store import CheckpointError
+from .finetune import (FinetuneConfig, FinetuneProgress, FinetuneResult, check_finetune, check_finetune_output,
+                       finetune, finetune_steps)
+from ._finetune_store import MODELS_ENV, CheckpointError, finetuned_models, models_folder
 from .everything import EverythingParams, EverythingProgress, EverythingResult, MaskRecord
 from .propagate import PropagationStep, PropagationSummary, StopRule, propagate, seeds_from_labels
 from .volume import Stack, StackProgress, embed_cached, embed_cached_steps
@@ -56,7 +56,7 @@ __all__ = [
     "segment_everything_steps", "segment_everything_volume", "segment_everything_volume_steps",
     # fine-tuning the decoder on the user's labels
     "FinetuneConfig", "FinetuneProgress", "FinetuneResult", "CheckpointError", "finetune", "finetune_steps",
-    "check_finetune_output", "models_folder", "finetuned_models", "MODELS_ENV",
+    "check_finetune", "check_finetune_output", "models_folder", "finetuned_models", "MODELS_ENV",
 ]
 
 

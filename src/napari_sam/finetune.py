@@ -30,7 +30,6 @@ from .checkpoints import load_sam_model, weights_fingerprint
 from .engine import SamEngine
 
 LOSSES = ("dice+bce", "dice+focal")
-MODELS_ENV = "NAPARI_SAM_MODELS"
 # settings a resumed run may change; the others must match the checkpoint's
 RESUMABLE = ("epochs", "max_steps", "patience", "min_delta", "checkpoint_every")
 
@@ -74,6 +73,8 @@ class FinetuneConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer; got {self.seed!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, (int, np.integer)) or self.max_steps < 1):
             raise ValueError(f"max_steps must be a positive integer or None; got {self.max_steps!r}")
         for name, lo, hi in (("val_fraction", 0.0, 0.9), ("box_fraction", 0.0, 1.0), ("refine_fraction", 0.0, 1.0),
@@ -115,7 +116,8 @@ class FinetuneResult:
     base and the saved model (None without a validation split); ``dice_by_prompt`` maps
     "box" and "point" to their (before, after) pair; ``stopped`` is "early stopping",
     "epochs", "max_steps" or "cancelled" (then only the checkpoint was written);
-    ``held_out`` names the validation images/slices ("image 3", "image 0 slice 12")."""
+    ``held_out`` names the validation images/slices ("cell_07.tif", "ct.nii.gz slice 12");
+    ``notes`` says what the user should know (images skipped, the base decoder kept, ...)."""
 
     model_dir: str
     dice_before: float | None
@@ -129,34 +131,7 @@ class FinetuneResult:
     val_objects: int
     history: list = field(default_factory=list)
     held_out: list = field(default_factory=list)
-
-
-def models_folder() -> Path:
-    """Where the widget puts fine-tuned models: ``$NAPARI_SAM_MODELS``, else the platform's
-    user data folder (``~/.local/share/napari-sam-labeler/models`` on Linux)."""
-    import os
-
-    if os.environ.get(MODELS_ENV):
-        return Path(os.environ[MODELS_ENV]).expanduser()
-    from platformdirs import user_data_dir
-
-    return Path(user_data_dir("napari-sam-labeler")) / "models"
-
-
-def finetuned_models(folder=None) -> list[dict]:
-    """The fine-tuned models in ``folder`` (default :func:`models_folder`), newest first:
-    ``{"path", "name", "base_model", "dice_before", "dice_after", "date"}`` each."""
-    root = Path(folder).expanduser() if folder is not None else models_folder()
-    found = []
-    if not root.is_dir():
-        return found
-    for sub in root.iterdir():
-        record = (store.read_sidecar(sub) or {}).get("finetune") if sub.is_dir() else None
-        if isinstance(record, dict) and (sub / "config.json").is_file():
-            found.append({"path": str(sub), "name": sub.name, "base_model": record.get("base_model"),
-                          "dice_before": record.get("dice_before"), "dice_after": record.get("dice_after"),
-                          "date": str(record.get("date", ""))})
-    return sorted(found, key=lambda m: m["date"], reverse=True)
+    notes: list = field(default_factory=list)
 
 
 def check_finetune_output(output, *, resume: bool = False, overwrite: bool = False) -> None:
@@ -166,9 +141,33 @@ def check_finetune_output(output, *, resume: bool = False, overwrite: bool = Fal
     store.check_output(Path(output).expanduser(), resume=resume, overwrite=overwrite, dry_run=True)
 
 
+def check_finetune(images, labels, output, *, config: FinetuneConfig | None = None, mapping=None,
+                   resume: bool = False, overwrite: bool = False, names=None, **intensity) -> dict:
+    """Check everything a fine-tune can check without the model, and say what it will use.
+
+    The settings, the output folder, the image/label pairs and their objects, the SAM
+    contrast options and, with ``resume``, that the checkpoint is intact and was made with
+    these data, contrast and settings. Raises what :func:`finetune` would raise for them.
+    Returns ``{"slices", "objects", "small", "unlabelled"}``: labelled images/slices used,
+    usable objects, objects under ``min_area``, names of images without labels.
+    """
+    cfg = _checked(config)
+    output = Path(output).expanduser()
+    store.check_output(output, resume=resume, overwrite=overwrite, dry_run=True)
+    planned = ft.plan(images, labels, mapping, intensity, cfg, names)
+    if resume:
+        _, saved = store.read_checkpoint(output)
+        for key, value in (("data", planned.data_key), ("contrast", planned.contrast_key),
+                           ("settings", _settings(cfg))):
+            if saved["identity"].get(key) != value:
+                raise CheckpointError(_mismatch(output, key, saved["identity"].get(key), value))
+    return {"slices": len(planned.work), "objects": planned.objects, "small": planned.small,
+            "unlabelled": list(planned.unlabelled)}
+
+
 def finetune(engine: SamEngine, images, labels, output, *, config: FinetuneConfig | None = None,
              cache: EmbeddingCache | None = None, mapping=None, resume: bool = False, overwrite: bool = False,
-             on_progress=None, cancelled=None, **intensity) -> FinetuneResult:
+             on_progress=None, cancelled=None, names=None, **intensity) -> FinetuneResult:
     """Fine-tune ``engine``'s mask decoder on ``labels`` and save the model to ``output``.
 
     Parameters
@@ -196,15 +195,19 @@ def finetune(engine: SamEngine, images, labels, output, *, config: FinetuneConfi
         Start again in a folder that holds an earlier fine-tune.
     on_progress : callable(FinetuneProgress), optional
     cancelled : callable() -> bool, optional
-        Polled before each step; when true a checkpoint is written and the result says
-        ``stopped="cancelled"`` (``resume=True`` continues).
+        Polled while embedding and before each step; when true the result says
+        ``stopped="cancelled"`` and, once a step was made, a checkpoint is written
+        (``resume=True`` continues; before that, embeddings made stay in ``cache``).
+    names : sequence of str, optional
+        One name per image (file names, layer names) for progress, ``held_out`` and the
+        model card; default "image 0", "image 1", ...
 
     Returns
     -------
     FinetuneResult
     """
     steps = finetune_steps(engine, images, labels, output, config=config, cache=cache, mapping=mapping,
-                           resume=resume, overwrite=overwrite, cancelled=cancelled, **intensity)
+                           resume=resume, overwrite=overwrite, cancelled=cancelled, names=names, **intensity)
     while True:
         try:
             progress = next(steps)
@@ -216,43 +219,33 @@ def finetune(engine: SamEngine, images, labels, output, *, config: FinetuneConfi
 
 def finetune_steps(engine: SamEngine, images, labels, output, *, config: FinetuneConfig | None = None,
                    cache: EmbeddingCache | None = None, mapping=None, resume: bool = False,
-                   overwrite: bool = False, cancelled=None, **intensity):
+                   overwrite: bool = False, cancelled=None, names=None, **intensity):
     """:func:`finetune` as a generator of :class:`FinetuneProgress`; returns the
-    :class:`FinetuneResult`. Closing it (a worker's Cancel) writes a checkpoint first."""
+    :class:`FinetuneResult`. Closing it (a worker's Cancel) once training has started writes
+    a checkpoint first."""
     import torch
 
     if not isinstance(engine, SamEngine):
         raise TypeError(f"engine must be a SamEngine (from load_model), got {type(engine).__name__}")
-    cfg = (config or FinetuneConfig()).checked()
+    cfg = _checked(config)
     output = Path(output).expanduser()
-    store.check_output(output, resume=resume, overwrite=overwrite)
-    pairs = ft.pairs(images, labels)
-    objects: list = []
-    small = [0]
-    embedding = ft.embed_items(engine, pairs, cache, mapping, intensity, cfg, objects, small)
-    while True:
-        try:
-            done, total, message = next(embedding)
-        except StopIteration as stop:
-            items, data_key = stop.value
-            break
-        if cancelled is not None and cancelled():  # nothing trained yet: nothing to keep but the cache
-            embedding.close()
-            return FinetuneResult(model_dir=str(output), dice_before=None, dice_after=None, dice_by_prompt={},
-                                  epochs=0, steps=0, best_epoch=0, stopped="cancelled", train_objects=0,
-                                  val_objects=0)
-        yield FinetuneProgress("embed", done, total, message=message)
-    train, val = ft.split(items, objects, cfg.val_fraction, cfg.seed)
-    valid = [fd.valid_map(item.shape, engine.spec, engine.low_res_size) for item in items]
+    # everything about the data, the folder and a checkpoint is checked before any model work
+    # (and before overwrite removes anything)
+    store.check_output(output, resume=resume, overwrite=overwrite, dry_run=True)
+    planned = ft.plan(images, labels, mapping, intensity, cfg, names)
+    objects = ft.plan_objects(planned, engine.spec, engine.low_res_size, cfg.min_area)
+    train, val = ft.split(len(planned.work), objects, cfg.val_fraction, cfg.seed)
     parts, view = ft.decoder_parts(engine)
-    identity = {"data": data_key, "encoder": engine.encoder_fingerprint, "decoder": weights_fingerprint(parts),
-                "objects": [len(train), len(val)],
-                "settings": {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE}}
+    identity = {"data": planned.data_key, "contrast": planned.contrast_key, "encoder": engine.encoder_fingerprint,
+                "decoder": weights_fingerprint(parts), "objects": [len(train), len(val)],
+                "settings": _settings(cfg)}
     optimizer = torch.optim.AdamW(ft.trainable(parts, cfg), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
     st = {"epoch": 0, "step": 0, "position": 0, "order": None, "best_dice": None, "best_epoch": 0, "bad": 0,
           "history": [], "before": None}
     best: dict = {}
+    notes = [f"{len(planned.unlabelled)} image(s) without labels skipped: {', '.join(planned.unlabelled[:5])}"
+             f"{' ...' if len(planned.unlabelled) > 5 else ''}"] if planned.unlabelled else []
     if resume:
         tensors, saved = store.read_checkpoint(output)
         for key, value in identity.items():
@@ -263,6 +256,24 @@ def finetune_steps(engine: SamEngine, images, labels, output, *, config: Finetun
         best = tensors["best"]
         rng.bit_generator.state = saved["rng"]
         st.update(saved["loop"])
+        if _stop_reason(st, cfg, bool(val)) == "early stopping":
+            notes.append(f"the run had already stopped early ({st['bad']} epochs without a gain, patience "
+                         f"{cfg.patience}): raise patience (--patience) to train further")
+    elif overwrite:
+        store.clear(output)  # the earlier fine-tune's files, now that the new run can start
+    embedding = ft.embed_items(engine, planned, cache, cancelled)
+    while True:
+        try:
+            done, total, message = next(embedding)
+        except StopIteration as stop:
+            items = stop.value
+            break
+        yield FinetuneProgress("embed", done, total, message=message)
+    if items is None:  # cancelled while embedding: nothing trained, nothing written but the cache
+        return FinetuneResult(model_dir=str(output), dice_before=None, dice_after=None, dice_by_prompt={},
+                              epochs=st["epoch"], steps=st["step"], best_epoch=st["best_epoch"], stopped="cancelled",
+                              train_objects=len(train), val_objects=len(val), notes=notes)
+    valid = [fd.valid_map(item.shape, engine.spec, engine.low_res_size) for item in items]
 
     def checkpoint():
         store.write_checkpoint(output, {"parts": ft.trainable_state(parts), "optimizer": optimizer.state_dict(),
@@ -320,17 +331,23 @@ def finetune_steps(engine: SamEngine, images, labels, output, *, config: Finetun
                     st["best_epoch"] = st["epoch"]
                 checkpoint()
     except GeneratorExit:  # closed by a worker's Cancel: keep the work for resume=True
-        checkpoint()
+        if st["step"] or resume:
+            checkpoint()
         raise
-    checkpoint()
+    if st["step"] or resume or stopped != "cancelled":  # a cancel before the first step has nothing to keep
+        checkpoint()
     result = FinetuneResult(
         model_dir=str(output), dice_before=None, dice_after=None, dice_by_prompt={}, epochs=st["epoch"],
         steps=st["step"], best_epoch=st["best_epoch"], stopped=stopped, train_objects=len(train),
-        val_objects=len(val), history=st["history"], held_out=sorted({items[o.item].name for o in val}))
+        val_objects=len(val), history=st["history"], held_out=sorted({items[o.item].name for o in val}),
+        notes=notes)
     if val:
         after = next(h["val"] for h in st["history"] if h["epoch"] == st["best_epoch"])
         result.dice_before, result.dice_after = st["before"]["mean"], after["mean"]
         result.dice_by_prompt = {k: (st["before"][k], after[k]) for k in ("box", "point")}
+        if st["best_epoch"] == 0 and stopped != "cancelled":
+            notes.append("no epoch beat the base model's validation Dice: the saved decoder is the base "
+                         "model's, unchanged (try another learning rate, more epochs or more labels)")
     if stopped == "cancelled":
         return result
     yield FinetuneProgress("save", 0, 1, epoch=st["epoch"], message=f"saving the model to {output}")
@@ -338,10 +355,23 @@ def finetune_steps(engine: SamEngine, images, labels, output, *, config: Finetun
     result_keys = full.load_state_dict(best, strict=False)
     if result_keys.unexpected_keys:
         raise RuntimeError(f"trained weights do not fit the model: {result_keys.unexpected_keys[:3]}")
-    record = _record(engine, cfg, result, items, small[0])
+    record = _record(engine, cfg, result, items, planned.small)
     store.write_model(output, full, engine.spec, record, store.model_card(record))
     yield FinetuneProgress("save", 1, 1, epoch=st["epoch"], message=f"saved to {output}")
     return result
+
+
+def _checked(config) -> FinetuneConfig:
+    if config is None:
+        return FinetuneConfig().checked()
+    if not isinstance(config, FinetuneConfig):
+        raise TypeError(f"config must be a FinetuneConfig (e.g. FinetuneConfig(epochs=5)); got {type(config).__name__}")
+    return config.checked()
+
+
+def _settings(cfg: FinetuneConfig) -> dict:
+    """The settings a checkpoint must share with a resumed run."""
+    return {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE}
 
 
 def _stop_reason(st, cfg, has_val) -> str | None:
@@ -364,7 +394,8 @@ def _said(dice, when) -> str:
 
 
 def _mismatch(output, key, old, new) -> str:
-    what = {"data": "images or labels", "encoder": "image encoder (another model or preprocessing)",
+    what = {"data": "images or labels", "contrast": "SAM contrast (window, preset or percentiles)",
+            "encoder": "image encoder (another model or preprocessing)",
             "decoder": "starting decoder (another model)", "objects": "split of objects",
             "settings": "settings"}[key]
     detail = ""
@@ -403,7 +434,7 @@ def _record(engine, cfg, result, items, small) -> dict:
                                                                           if cfg.train_prompt_encoder else ""),
         "images": len({item.image for item in items}), "slices": len(items),
         "train_objects": result.train_objects, "val_objects": result.val_objects, "skipped_small": small,
-        "held_out": result.held_out,
+        "held_out": result.held_out, "notes": result.notes,
         "epochs": result.epochs, "steps": result.steps, "best_epoch": result.best_epoch, "stopped": result.stopped,
         "dice_before": result.dice_before, "dice_after": result.dice_after,
         "dice_by_prompt": {k: list(v) for k, v in result.dice_by_prompt.items()},

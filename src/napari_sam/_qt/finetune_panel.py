@@ -20,7 +20,7 @@ from napari.utils import progress
 from napari.utils.notifications import show_info, show_warning
 from qtpy.QtWidgets import QCheckBox, QFormLayout, QGroupBox, QLabel, QLineEdit, QSpinBox
 
-from ..api import (FinetuneConfig, Stack, check_finetune_output, finetune_steps, models_folder,
+from ..api import (CheckpointError, FinetuneConfig, Stack, check_finetune_output, finetune_steps, models_folder,
                    resolve_intensity)
 from .controls import WorkerTask, button, row
 from .layer_choice import LayerChoice
@@ -54,6 +54,8 @@ class FinetunePanel(WorkerTask, QGroupBox):
         form.addRow("Save to", self.output_edit)
         self.resume_check = QCheckBox("Continue the stopped run in this folder")
         self.resume_check.setVisible(False)
+        # unticked: the next run starts afresh in a new folder (the stopped run's checkpoint stays)
+        self.resume_check.toggled.connect(lambda on: None if on else self.output_edit.clear())
         form.addRow(self.resume_check)
         self.run_button = button("Fine-tune on this labels layer", self.run,
                                  tooltip="Train the mask decoder on these labels (the encoder stays frozen)")
@@ -97,26 +99,21 @@ class FinetunePanel(WorkerTask, QGroupBox):
             show_warning(f"SAM Labeler: labels {labels.name!r} {tuple(labels.data.shape)} do not cover image "
                          f"{image.name!r} {spatial} pixel for pixel.")
             return
-        busy = (self.worker, state.embed_worker, state.stack_worker, self.host.everything.worker)
-        if any(w is not None for w in busy):
-            show_info("SAM Labeler: wait for the running task (or cancel it).")
+        if self.worker is not None:
+            show_info("SAM Labeler: a fine-tune is running (Cancel stops it).")
             return
         resume = not self.resume_check.isHidden() and self.resume_check.isChecked()
         output = self._output(image.name)
         try:
             check_finetune_output(output, resume=resume)
         except ValueError as exc:
-            show_warning(f"SAM Labeler: {output} cannot take this fine-tune: "
-                         + ("it holds no stopped run to continue." if resume else
-                            "it is not empty (choose a new folder, or leave 'Save to' empty)."
-                            if "not empty" in str(exc) else
-                            "it holds a fine-tune already (choose a new folder, or leave 'Save to' empty)."))
+            self._refuse(output, exc, resume)
             return
         self.output_edit.setText(str(output))
         config = FinetuneConfig(epochs=self.epochs_spin.value())
         requested = self.host.model.requested_engine()
         loaded, cache = state.engine, state.cache
-        data, rgb, uid = image.data, image.rgb, image.unique_id
+        data, rgb, uid, name = image.data, image.rgb, image.unique_id, image.name
         target = np.array(labels.data)  # a copy: editing the layer meanwhile changes nothing here
         mapping, options = state.mappings.get(uid), state.intensity_options(image)
         is_stack = image.ndim == 3 and not rgb
@@ -133,7 +130,7 @@ class FinetunePanel(WorkerTask, QGroupBox):
                         else resolve_intensity(data, multichannel=rgb, **options))
             images = data if is_stack else np.asarray(data)
             steps = finetune_steps(engine, images, target, output, config=config, cache=cache, mapping=used,
-                                   resume=resume, cancelled=lambda: self._stop)
+                                   resume=resume, cancelled=lambda: self._stop, names=[name])
             while True:
                 try:
                     p = next(steps)
@@ -151,8 +148,32 @@ class FinetunePanel(WorkerTask, QGroupBox):
         self.result_label.setText("")
         self._progress = progress(total=0, desc="SAM: fine-tune")
         self.worker = create_worker(work, _connect={
-            "yielded": self._on_progress, "returned": returned, "errored": state.report_error,
+            "yielded": self._on_progress, "returned": returned, "errored": self._failed,
             "finished": self._on_finished})
+
+    def _refuse(self, output, exc, resume) -> None:
+        """The folder cannot take this run: say why in the widget's words."""
+        text = str(exc)
+        if "is not a folder" in text:
+            why = "it is a file, not a folder."
+        elif "cannot write" in text:
+            why = text.split(": ", 1)[-1]
+        elif resume:
+            why = "it holds no stopped run to continue (untick 'Continue')."
+        elif "not empty" in text:
+            why = "it holds other files (choose a new folder, or leave 'Save to' empty)."
+        else:
+            why = "it holds a fine-tune already (choose a new folder, or leave 'Save to' empty)."
+        message = f"Fine-tune: {output} cannot take this run: {why}"
+        show_warning(f"SAM Labeler: {message}")
+        self.state.set_status(message)
+
+    def _failed(self, exc) -> None:
+        if isinstance(exc, CheckpointError) and "other" in str(exc):
+            detail = str(exc).split("was made with ", 1)[-1].split(";", 1)[0]
+            exc = ValueError(f"the stopped run was made with {detail}: untick 'Continue the stopped run' to start "
+                             "a new run in a new folder.")
+        self.state.report_error(exc)
 
     def _show(self, result) -> None:
         self.result = result
@@ -161,7 +182,7 @@ class FinetunePanel(WorkerTask, QGroupBox):
         self.resume_check.setVisible(resumable)
         self.resume_check.setChecked(resumable)
         if stopped and not resumable:
-            text = "Stopped while embedding; what was embedded stays cached for the next run."
+            text = "Stopped before training; nothing was saved (what was embedded stays cached)."
         elif stopped:
             text = (f"Stopped after {result.steps} steps; the checkpoint is in {result.model_dir}. "
                     "Press Fine-tune again to continue.")
@@ -173,6 +194,8 @@ class FinetunePanel(WorkerTask, QGroupBox):
                     f"(box {by['box'][0]:.2f} → {by['box'][1]:.2f}, click {by['point'][0]:.2f} → "
                     f"{by['point'][1]:.2f}); {result.steps} steps, stopped by {result.stopped}. "
                     f"Saved to {result.model_dir}.")
+        if result.notes:
+            text += " Note: " + "; ".join(result.notes) + "."
         self.result_label.setText(text)
         self.use_button.setEnabled(not stopped)
         if not stopped:
