@@ -377,16 +377,28 @@ def test_overwrite_keeps_the_old_run_when_the_new_data_is_refused(ft_engine, tmp
     assert json.loads((tmp_path / "m" / "napari_sam.json").read_text())["finetune"]["settings"]["seed"] == 3
 
 
-def test_divergence_is_an_error_and_leaves_finite_weights(ft_engine, tmp_path):
+def test_divergence_is_an_error_and_keeps_nothing_of_a_fresh_run(ft_engine, tmp_path):
     from napari_sam._finetune_train import TrainingDiverged
 
     images, labels = dataset(4)
-    with pytest.raises(TrainingDiverged, match="lower the learning rate"):
+    with pytest.raises(TrainingDiverged, match="lower the learning rate.*Nothing was kept"):
         finetune(ft_engine, images, labels, tmp_path / "m",
                  config=FinetuneConfig(epochs=50, learning_rate=1e30, val_fraction=0, checkpoint_every=1))
-    assert not (tmp_path / "m" / "model.safetensors").exists()
-    state = torch.load(tmp_path / "m" / ".finetune" / "tensors.pt", weights_only=True)
+    assert not (tmp_path / "m").exists()  # its checkpoints held runaway weights
+    # a resumed run that diverges keeps its checkpoint (finite: never written after a NaN)
+    cfg = dict(epochs=50, learning_rate=1e30, val_fraction=0, checkpoint_every=1)
+    first = finetune(ft_engine, images, labels, tmp_path / "r", config=FinetuneConfig(max_steps=1, **cfg))
+    assert first.steps == 1
+    with pytest.raises(TrainingDiverged, match="--overwrite"):
+        finetune(ft_engine, images, labels, tmp_path / "r", resume=True, config=FinetuneConfig(max_steps=10, **cfg))
+    state = torch.load(tmp_path / "r" / ".finetune" / "tensors.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["parts"].values())
+
+
+def test_resume_and_overwrite_exclude_each_other(ft_engine, tmp_path):
+    images, labels = dataset(2)
+    with pytest.raises(ValueError, match="exclude each other"):
+        finetune(ft_engine, images, labels, tmp_path / "m", resume=True, overwrite=True)
 
 
 def test_resume_names_a_changed_contrast_and_checks_before_embedding(ft_engine, tmp_path):
@@ -412,7 +424,7 @@ def test_resume_names_a_changed_contrast_and_checks_before_embedding(ft_engine, 
         del ft_engine.encoder.encode_steps
     assert calls["n"] == 0  # refused before anything was embedded
     assert check_finetune(images, labels, tmp_path / "m", config=cfg, resume=True, window=(100, 200)) == {
-        "slices": 4, "objects": 8, "small": 0, "unlabelled": []}
+        "slices": 4, "objects": 8, "small": 0, "unlabelled": [], "resume_step": 1, "resume_epoch": 1}
 
 
 def test_notes_names_and_card(ft_engine, tmp_path):

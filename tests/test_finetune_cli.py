@@ -152,3 +152,16 @@ def test_files_without_labels_are_skipped_and_said(ft_dir, folders, tmp_path):
     assert "note: 1 image(s) without labels skipped: cell_1.png" in res.stderr
     record = json.loads((tmp_path / "m" / "napari_sam.json").read_text())["finetune"]
     assert record["held_out"] and all(h.startswith("cell_") for h in record["held_out"])
+
+
+def test_resume_with_another_model_is_refused_before_it_loads(ft_dir, tiny_sam_dir, folders, tmp_path, capsys):
+    img_dir, lab_dir = folders
+    args = ["finetune", str(img_dir), str(lab_dir), "-o", str(tmp_path / "m"), "--backend", "torch", "--device",
+            "cpu", "--epochs", "1"]
+    assert main([*args, "--model", str(ft_dir)]) == 0
+    capsys.readouterr()
+    assert main([*args, "--model", str(tiny_sam_dir), "--resume", "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "give the same model" in err and "loading model" not in err
+    assert main([*args, "--model", str(ft_dir), "--resume", "--epochs", "2"]) == 0
+    assert "continuing the run in" in capsys.readouterr().err

@@ -127,6 +127,7 @@ def test_cancel_before_training_writes_nothing_and_runs_again(labeler, qtbot, ft
     assert blocker.args[0].stopped == "cancelled" and blocker.args[0].steps == 0
     assert not (tmp_path / "mine").exists()
     assert panel.resume_check.isHidden() and "before training" in panel.result_label.text()
+    assert panel.output_edit.text() == str(tmp_path / "mine")  # typed by the user: kept
     with qtbot.waitSignal(widget.finetuned, timeout=TIMEOUT) as blocker:
         widget.finetune()
     qtbot.waitUntil(lambda: panel.worker is None, timeout=TIMEOUT)
@@ -159,6 +160,9 @@ def test_labels_edited_after_cancel_say_untick_continue_and_a_new_run_works(labe
     assert "untick 'Continue the stopped run'" in widget.status.text()
     panel.resume_check.setChecked(False)
     assert panel.output_edit.text() == ""  # a new folder for the new run
+    panel.resume_check.setChecked(True)  # changed my mind: back to the stopped run's folder
+    assert panel.output_edit.text() == str(tmp_path / "first")
+    panel.resume_check.setChecked(False)
     with qtbot.waitSignal(widget.finetuned, timeout=TIMEOUT) as blocker:
         widget.finetune()
     qtbot.waitUntil(lambda: panel.worker is None, timeout=TIMEOUT)

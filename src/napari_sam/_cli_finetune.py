@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -163,8 +164,12 @@ def cmd_finetune(args, user_error, load_engine, open_cache, intensity) -> int:
     images, labels = _read(pairs, api, user_error)
     names = [image.name for image, _ in pairs]
     # the data, its objects, the SAM contrast and a checkpoint to resume: all before the model loads
+    model = args.model or os.environ.get(api.MODEL_ENV) or api.DEFAULT_MODEL
     plan = api.check_finetune(images, labels, output, config=cfg, resume=args.resume, overwrite=args.overwrite,
-                              names=names, **intensity)
+                              names=names, model=model, **intensity)
+    if args.resume:
+        print(f"continuing the run in {output} from step {plan['resume_step']} (epoch {plan['resume_epoch']})",
+              file=sys.stderr)
     engine = load_engine(args)
     cache = open_cache(args)
     skipped = f"; {len(plan['unlabelled'])} file(s) without labels skipped" if plan["unlabelled"] else ""
@@ -177,7 +182,7 @@ def cmd_finetune(args, user_error, load_engine, open_cache, intensity) -> int:
         if stop["asked"]:
             raise KeyboardInterrupt
         stop["asked"] = True
-        print("\nnapari-sam: stopping after this step (Ctrl-C again to quit now)", file=sys.stderr)
+        print("\nnapari-sam: stopping after the current image or step (Ctrl-C again to quit now)", file=sys.stderr)
 
     previous = signal.signal(signal.SIGINT, on_interrupt)
     bars: dict = {}
@@ -214,8 +219,9 @@ def cmd_finetune(args, user_error, load_engine, open_cache, intensity) -> int:
             print(f"stopped after {result.steps} steps; checkpoint in {output}; run the same command with --resume "
                   "to continue", file=sys.stderr)
         else:
-            print("stopped before training; nothing was written (what was embedded is cached): run the same "
-                  f"command{' with --resume' if args.resume else ''} to start", file=sys.stderr)
+            cached = "" if args.no_cache else " (what was embedded is cached)"
+            print(f"stopped before training; nothing was written{cached}: run the same command to start",
+                  file=sys.stderr)
         return 130
     if result.dice_before is None:
         print(f"trained {result.steps} steps ({result.epochs} epochs, no validation); saved {output}")

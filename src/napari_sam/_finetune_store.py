@@ -89,6 +89,9 @@ def spec_from_sidecar(folder) -> ModelInputSpec | None:
 def check_output(output: Path, *, resume: bool, overwrite: bool, dry_run: bool = False) -> None:
     """Refuse an output folder whose contents a fine-tune would destroy or misread; with
     ``overwrite`` (and not ``dry_run``) remove the earlier fine-tune's checkpoint."""
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: continue the run in the output folder "
+                         "(--resume) or start again there (--overwrite)")
     if output.exists() and not output.is_dir():
         raise ValueError(f"output {output} exists and is not a folder")
     _writable(output)
@@ -110,11 +113,20 @@ def check_output(output: Path, *, resume: bool, overwrite: bool, dry_run: bool =
         return
     if not overwrite:
         raise ValueError(
-            f"output {output} already holds a fine-tune; pass resume=True (--resume) to continue it "
-            "or overwrite=True (--overwrite) to start again there"
+            f"output {output} already holds a fine-tune: continue it (--resume, resume=True) or start "
+            "again there (--overwrite, overwrite=True)"
         )
     if not dry_run:
         clear(output)
+
+
+def drop_checkpoint(output: Path) -> None:
+    """Remove the checkpoint (and ``output`` itself when that leaves it empty)."""
+    shutil.rmtree(output / CHECKPOINT, ignore_errors=True)
+    try:
+        output.rmdir()
+    except OSError:
+        pass  # not empty: the user's or an earlier model's files stay
 
 
 def clear(output: Path) -> None:

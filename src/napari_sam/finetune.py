@@ -26,7 +26,7 @@ from . import _finetune_store as store
 from . import _finetune_train as ft
 from ._finetune_store import CheckpointError
 from .cache import EmbeddingCache
-from .checkpoints import load_sam_model, weights_fingerprint
+from .checkpoints import load_sam_model, resolve_model_source, weights_fingerprint
 from .engine import SamEngine
 
 LOSSES = ("dice+bce", "dice+focal")
@@ -142,27 +142,40 @@ def check_finetune_output(output, *, resume: bool = False, overwrite: bool = Fal
 
 
 def check_finetune(images, labels, output, *, config: FinetuneConfig | None = None, mapping=None,
-                   resume: bool = False, overwrite: bool = False, names=None, **intensity) -> dict:
+                   resume: bool = False, overwrite: bool = False, names=None, model=None, **intensity) -> dict:
     """Check everything a fine-tune can check without the model, and say what it will use.
 
     The settings, the output folder, the image/label pairs and their objects, the SAM
     contrast options and, with ``resume``, that the checkpoint is intact and was made with
     these data, contrast and settings. Raises what :func:`finetune` would raise for them.
     Returns ``{"slices", "objects", "small", "unlabelled"}``: labelled images/slices used,
-    usable objects, objects under ``min_area``, names of images without labels.
+    usable objects, objects under ``min_area``, names of images without labels; with
+    ``resume`` also ``resume_step``/``resume_epoch``, and ``model`` (what ``load_model`` will
+    be given) must be where the checkpoint's run started from.
     """
     cfg = _checked(config)
     output = Path(output).expanduser()
     store.check_output(output, resume=resume, overwrite=overwrite, dry_run=True)
     planned = ft.plan(images, labels, mapping, intensity, cfg, names)
+    found = {"slices": len(planned.work), "objects": planned.objects, "small": planned.small,
+             "unlabelled": list(planned.unlabelled)}
     if resume:
         _, saved = store.read_checkpoint(output)
         for key, value in (("data", planned.data_key), ("contrast", planned.contrast_key),
                            ("settings", _settings(cfg))):
             if saved["identity"].get(key) != value:
                 raise CheckpointError(_mismatch(output, key, saved["identity"].get(key), value))
-    return {"slices": len(planned.work), "objects": planned.objects, "small": planned.small,
-            "unlabelled": list(planned.unlabelled)}
+        started = saved.get("model") or {}
+        if model is not None and started.get("location"):
+            try:
+                asked = resolve_model_source(model).location
+            except FileNotFoundError:  # loading it will say what is missing
+                asked = started["location"]
+            if _where(asked) != _where(started["location"]):
+                raise CheckpointError(f"resume: the checkpoint in {output} was started from the model at "
+                                      f"{started['location']}; this run's model is {asked}: give the same model")
+        found.update(resume_step=saved["loop"]["step"], resume_epoch=saved["loop"]["epoch"])
+    return found
 
 
 def finetune(engine: SamEngine, images, labels, output, *, config: FinetuneConfig | None = None,
@@ -279,7 +292,8 @@ def finetune_steps(engine: SamEngine, images, labels, output, *, config: Finetun
         store.write_checkpoint(output, {"parts": ft.trainable_state(parts), "optimizer": optimizer.state_dict(),
                                         "best": best},
                                {"identity": identity, "rng": rng.bit_generator.state, "loop": st,
-                                "config": asdict(cfg)})
+                                "config": asdict(cfg), "model": {"requested": engine.source.requested,
+                                                                  "location": str(engine.source.location)}})
 
     if st["before"] is None:
         before = ft.validation_dice(view, items, val) if val else None
@@ -305,8 +319,16 @@ def finetune_steps(engine: SamEngine, images, labels, output, *, config: Finetun
                     stopped = "cancelled"
                     break
                 chosen = st["order"][st["position"]:st["position"] + cfg.batch_size]
-                loss = ft.train_step(parts, optimizer, [train[i] for i in chosen], items, valid, engine.spec, cfg,
-                                     rng, engine.device)
+                try:
+                    loss = ft.train_step(parts, optimizer, [train[i] for i in chosen], items, valid, engine.spec,
+                                         cfg, rng, engine.device)
+                except ft.TrainingDiverged as exc:
+                    if not resume:  # its checkpoints hold the runaway weights: nothing worth continuing
+                        store.drop_checkpoint(output)
+                    raise ft.TrainingDiverged(
+                        f"{exc}. " + ("Nothing was kept: run again with a lower learning rate." if not resume else
+                                      "Start again with a lower learning rate (--overwrite, overwrite=True).")
+                    ) from None
                 st["position"] += len(chosen)
                 st["step"] += 1
                 if st["step"] % cfg.checkpoint_every == 0:
@@ -361,6 +383,13 @@ def finetune_steps(engine: SamEngine, images, labels, output, *, config: Finetun
     return result
 
 
+def _where(location) -> str:
+    """A model location comparable across spellings (relative paths, symlinks)."""
+    import os
+
+    return os.path.realpath(location) if os.path.exists(location) else str(location)
+
+
 def _checked(config) -> FinetuneConfig:
     if config is None:
         return FinetuneConfig().checked()
@@ -403,7 +432,7 @@ def _mismatch(output, key, old, new) -> str:
         changed = [k for k in new if (old or {}).get(k) != new[k]]
         detail = ": " + ", ".join(f"{k} {(old or {}).get(k)!r} -> {new[k]!r}" for k in changed)
     return (f"resume: the checkpoint in {output} was made with other {what}{detail}; resume with what it was "
-            "made with, or pass overwrite=True (--overwrite) to start again")
+            "made with, or start again there (--overwrite, overwrite=True)")
 
 
 def _full_model(engine: SamEngine):
@@ -428,8 +457,11 @@ def _record(engine, cfg, result, items, small) -> dict:
 
     from ._version import __version__
 
+    earlier = (store.read_sidecar(engine.source.location) or {}).get("finetune") if engine.source.kind == "hf_dir" \
+        else None
+    lineage = ([*earlier.get("lineage", []), earlier.get("base_model")] if isinstance(earlier, dict) else [])
     return {
-        "base_model": engine.source.requested, "base_location": engine.source.describe(),
+        "base_model": engine.source.requested, "base_location": engine.source.describe(), "lineage": lineage,
         "preprocessing": engine.spec.kind, "trained": "mask decoder" + (" and prompt encoder"
                                                                           if cfg.train_prompt_encoder else ""),
         "images": len({item.image for item in items}), "slices": len(items),

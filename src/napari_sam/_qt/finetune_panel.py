@@ -54,8 +54,12 @@ class FinetunePanel(WorkerTask, QGroupBox):
         form.addRow("Save to", self.output_edit)
         self.resume_check = QCheckBox("Continue the stopped run in this folder")
         self.resume_check.setVisible(False)
-        # unticked: the next run starts afresh in a new folder (the stopped run's checkpoint stays)
-        self.resume_check.toggled.connect(lambda on: None if on else self.output_edit.clear())
+        # unticked: the next run starts afresh in a new folder (the stopped run's checkpoint stays);
+        # ticked again: back to the stopped run's folder
+        self._stopped_in = ""
+        self._generated = False  # "Save to" was filled by the widget, not typed
+        self.resume_check.toggled.connect(
+            lambda on: self.output_edit.setText(self._stopped_in) if on else self.output_edit.clear())
         form.addRow(self.resume_check)
         self.run_button = button("Fine-tune on this labels layer", self.run,
                                  tooltip="Train the mask decoder on these labels (the encoder stays frozen)")
@@ -103,6 +107,7 @@ class FinetunePanel(WorkerTask, QGroupBox):
             show_info("SAM Labeler: a fine-tune is running (Cancel stops it).")
             return
         resume = not self.resume_check.isHidden() and self.resume_check.isChecked()
+        self._generated = not self.output_edit.text().strip()
         output = self._output(image.name)
         try:
             check_finetune_output(output, resume=resume)
@@ -169,6 +174,8 @@ class FinetunePanel(WorkerTask, QGroupBox):
         self.state.set_status(message)
 
     def _failed(self, exc) -> None:
+        if self._generated and not self._stopped_in:
+            self.output_edit.clear()  # the next run gets a fresh name of its own
         if isinstance(exc, CheckpointError) and "other" in str(exc):
             detail = str(exc).split("was made with ", 1)[-1].split(";", 1)[0]
             exc = ValueError(f"the stopped run was made with {detail}: untick 'Continue the stopped run' to start "
@@ -179,8 +186,13 @@ class FinetunePanel(WorkerTask, QGroupBox):
         self.result = result
         stopped = result.stopped == "cancelled"
         resumable = stopped and result.steps > 0
+        self._stopped_in = result.model_dir if resumable else ""
         self.resume_check.setVisible(resumable)
+        self.resume_check.blockSignals(True)
         self.resume_check.setChecked(resumable)
+        self.resume_check.blockSignals(False)
+        if not resumable and self._generated:
+            self.output_edit.clear()  # a name the widget made for a run that made nothing
         if stopped and not resumable:
             text = "Stopped before training; nothing was saved (what was embedded stays cached)."
         elif stopped:
