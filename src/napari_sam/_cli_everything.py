@@ -66,8 +66,9 @@ def _is_stack(image, args) -> bool:
 
 def _check_outputs(args, user_error) -> None:
     """Before anything loads: outputs that differ, are TIFF/CSV, are new (or --overwrite) and writable."""
-    import tempfile
     from pathlib import Path
+
+    from ._fileio import cannot_write
 
     out = Path(args.output)
     if out.suffix.lower() not in (".tif", ".tiff"):
@@ -91,11 +92,9 @@ def _check_outputs(args, user_error) -> None:
             raise user_error(f"{flag} {path}: {folder} is not a folder")
         if not folder.is_dir():
             raise user_error(f"{flag} {path}: the folder {folder} does not exist")
-        try:
-            with tempfile.TemporaryFile(dir=folder):
-                pass
-        except OSError as exc:
-            raise user_error(f"{flag} {path}: cannot write into {folder} ({exc.strerror or exc})") from None
+        reason = cannot_write(folder)
+        if reason:
+            raise user_error(f"{flag} {path}: cannot write into {folder} ({reason})")
 
 
 def write_table(path, records) -> None:

@@ -8,6 +8,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def cannot_write(folder) -> str | None:
+    """Why a file cannot be created in ``folder`` (None when it can): tried, not guessed from
+    permission bits (root, read-only mounts and immutable folders all answer truthfully)."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
 @contextmanager
 def atomic_write(path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds.

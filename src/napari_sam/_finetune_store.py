@@ -86,9 +86,9 @@ def spec_from_sidecar(folder) -> ModelInputSpec | None:
         raise ValueError(f"{Path(folder) / SIDECAR} has an unreadable 'input' entry: {exc}") from exc
 
 
-def check_output(output: Path, *, resume: bool, overwrite: bool, dry_run: bool = False) -> None:
-    """Refuse an output folder whose contents a fine-tune would destroy or misread; with
-    ``overwrite`` (and not ``dry_run``) remove the earlier fine-tune's checkpoint."""
+def check_output(output: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse an output folder whose contents a fine-tune would destroy or misread (it
+    changes nothing: :func:`clear` removes an earlier run once a new one starts)."""
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: continue the run in the output folder "
                          "(--resume) or start again there (--overwrite)")
@@ -116,8 +116,6 @@ def check_output(output: Path, *, resume: bool, overwrite: bool, dry_run: bool =
             f"output {output} already holds a fine-tune: continue it (--resume, resume=True) or start "
             "again there (--overwrite, overwrite=True)"
         )
-    if not dry_run:
-        clear(output)
 
 
 def drop_checkpoint(output: Path) -> None:
@@ -141,18 +139,16 @@ def clear(output: Path) -> None:
 
 def _writable(output: Path) -> None:
     """Raise unless ``output`` (or the folder it would be made in) can be written."""
-    import tempfile
+    from ._fileio import cannot_write
 
     target = output
     while not target.exists() and target != target.parent:
         target = target.parent
     if not target.is_dir():
         raise ValueError(f"output {output}: {target} is not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=target):
-            pass
-    except OSError as exc:
-        raise ValueError(f"output {output}: cannot write into {target} ({exc.strerror or exc})") from None
+    reason = cannot_write(target)
+    if reason:
+        raise ValueError(f"output {output}: cannot write into {target} ({reason})")
 
 
 def _sha256(path: Path) -> str:

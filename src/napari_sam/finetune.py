@@ -138,7 +138,7 @@ def check_finetune_output(output, *, resume: bool = False, overwrite: bool = Fal
     """Raise (before any work) when ``output`` cannot take a fine-tune: an unrelated
     non-empty folder, an earlier fine-tune without ``resume``/``overwrite``, or ``resume``
     with no checkpoint there."""
-    store.check_output(Path(output).expanduser(), resume=resume, overwrite=overwrite, dry_run=True)
+    store.check_output(Path(output).expanduser(), resume=resume, overwrite=overwrite)
 
 
 def check_finetune(images, labels, output, *, config: FinetuneConfig | None = None, mapping=None,
@@ -155,7 +155,7 @@ def check_finetune(images, labels, output, *, config: FinetuneConfig | None = No
     """
     cfg = _checked(config)
     output = Path(output).expanduser()
-    store.check_output(output, resume=resume, overwrite=overwrite, dry_run=True)
+    store.check_output(output, resume=resume, overwrite=overwrite)
     planned = ft.plan(images, labels, mapping, intensity, cfg, names)
     found = {"slices": len(planned.work), "objects": planned.objects, "small": planned.small,
              "unlabelled": list(planned.unlabelled)}
@@ -244,7 +244,7 @@ def finetune_steps(engine: SamEngine, images, labels, output, *, config: Finetun
     output = Path(output).expanduser()
     # everything about the data, the folder and a checkpoint is checked before any model work
     # (and before overwrite removes anything)
-    store.check_output(output, resume=resume, overwrite=overwrite, dry_run=True)
+    store.check_output(output, resume=resume, overwrite=overwrite)
     planned = ft.plan(images, labels, mapping, intensity, cfg, names)
     objects = ft.plan_objects(planned, engine.spec, engine.low_res_size, cfg.min_area)
     train, val = ft.split(len(planned.work), objects, cfg.val_fraction, cfg.seed)
