@@ -370,6 +370,15 @@ def test_overwrite_keeps_the_old_run_when_the_new_data_is_refused(ft_engine, tmp
     with pytest.raises(TypeError, match="windw"):
         finetune(ft_engine, images, labels, tmp_path / "m", overwrite=True, windw=(1, 2))
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == before
+    stopped = finetune(ft_engine, images, labels, tmp_path / "m", config=FinetuneConfig(epochs=1, seed=3, **FAST),
+                       overwrite=True, cancelled=lambda: True)  # a cancel while embedding
+    assert stopped.stopped == "cancelled" and sorted(p.name for p in (tmp_path / "m").iterdir()) == before
+    from napari_sam._finetune_train import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged):  # diverges at once: the earlier run is kept whole
+        finetune(ft_engine, images, labels, tmp_path / "m", overwrite=True,
+                 config=FinetuneConfig(epochs=3, learning_rate=1e30, val_fraction=0, batch_size=1))
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == before
     (tmp_path / "m" / "my_notes.txt").write_text("mine")
     again = finetune(ft_engine, images, labels, tmp_path / "m", config=FinetuneConfig(epochs=1, seed=3, **FAST),
                      overwrite=True)

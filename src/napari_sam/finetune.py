@@ -272,8 +272,6 @@ def finetune_steps(engine: SamEngine, images, labels, output, *, config: Finetun
         if _stop_reason(st, cfg, bool(val)) == "early stopping":
             notes.append(f"the run had already stopped early ({st['bad']} epochs without a gain, patience "
                          f"{cfg.patience}): raise patience (--patience) to train further")
-    elif overwrite:
-        store.clear(output)  # the earlier fine-tune's files, now that the new run can start
     embedding = ft.embed_items(engine, planned, cache, cancelled)
     while True:
         try:
@@ -287,8 +285,15 @@ def finetune_steps(engine: SamEngine, images, labels, output, *, config: Finetun
                               epochs=st["epoch"], steps=st["step"], best_epoch=st["best_epoch"], stopped="cancelled",
                               train_objects=len(train), val_objects=len(val), notes=notes)
     valid = [fd.valid_map(item.shape, engine.spec, engine.low_res_size) for item in items]
+    # with overwrite, the earlier fine-tune's files go when this run first writes (a cancel
+    # before its first step keeps them); `wrote`: this run has a checkpoint of its own
+    wrote = False
 
     def checkpoint():
+        nonlocal wrote
+        if overwrite and not wrote:
+            store.clear(output)
+        wrote = True
         store.write_checkpoint(output, {"parts": ft.trainable_state(parts), "optimizer": optimizer.state_dict(),
                                         "best": best},
                                {"identity": identity, "rng": rng.bit_generator.state, "loop": st,
@@ -323,7 +328,7 @@ def finetune_steps(engine: SamEngine, images, labels, output, *, config: Finetun
                     loss = ft.train_step(parts, optimizer, [train[i] for i in chosen], items, valid, engine.spec,
                                          cfg, rng, engine.device)
                 except ft.TrainingDiverged as exc:
-                    if not resume:  # its checkpoints hold the runaway weights: nothing worth continuing
+                    if not resume and wrote:  # its checkpoints hold runaway weights: nothing to continue
                         store.drop_checkpoint(output)
                     raise ft.TrainingDiverged(
                         f"{exc}. " + ("Nothing was kept: run again with a lower learning rate." if not resume else
