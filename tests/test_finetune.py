@@ -188,7 +188,20 @@ def test_cancel_then_resume_ends_where_an_uninterrupted_run_does(ft_engine, tmp_
     a = load_model(tmp_path / "whole", device="cpu", dtype="fp32", backend="torch").model.state_dict()
     b = load_model(tmp_path / "part", device="cpu", dtype="fp32", backend="torch").model.state_dict()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    _same_last_state(tmp_path / "whole", tmp_path / "part")
+
+
+def _same_last_state(one, other):
+    """The runs' last weights and optimizer state, bit for bit (the saved model is the best
+    epoch's, which may come before the point where two runs could part)."""
+    a = torch.load(one / ".finetune" / "tensors.pt", weights_only=True)
+    b = torch.load(other / ".finetune" / "tensors.pt", weights_only=True)
+    for key in a["parts"]:
+        torch.testing.assert_close(a["parts"][key], b["parts"][key], rtol=0, atol=0)
+    for k, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            torch.testing.assert_close(value, b["optimizer"]["state"][k][name], rtol=0, atol=0)
 
 
 def test_cancel_while_embedding_writes_nothing(ft_engine, tmp_path):
@@ -457,3 +470,24 @@ def test_config_type_and_seed_are_checked(ft_engine, tmp_path):
         finetune(ft_engine, images, labels, tmp_path / "m", config={"epochs": 1})
     with pytest.raises(ValueError, match="seed"):
         FinetuneConfig(seed=-5).checked()
+
+
+def test_resume_is_exact_with_the_persistent_cache(ft_engine, tmp_path):
+    """The default (CLI, widget): the first run embeds afresh, the resumed one reads the
+    cache's float16 entries; training sees the same values either way."""
+    images, labels = dataset(8)
+    cfg = FinetuneConfig(epochs=3, checkpoint_every=1000, **FAST)
+    whole = finetune(ft_engine, images, labels, tmp_path / "whole", config=cfg,
+                     cache=EmbeddingCache(tmp_path / "cache_a"))
+    steps = []
+    finetune(ft_engine, images, labels, tmp_path / "part", config=cfg, cache=EmbeddingCache(tmp_path / "cache_b"),
+             on_progress=lambda p: steps.append(p.done) if p.phase == "train" else None,
+             cancelled=lambda: len(steps) >= 4)
+    resumed = finetune(ft_engine, images, labels, tmp_path / "part", config=cfg, resume=True,
+                       cache=EmbeddingCache(tmp_path / "cache_b"))
+    assert resumed.history == whole.history
+    a = load_model(tmp_path / "whole", device="cpu", dtype="fp32", backend="torch").model.state_dict()
+    b = load_model(tmp_path / "part", device="cpu", dtype="fp32", backend="torch").model.state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)  # bit for bit
+    _same_last_state(tmp_path / "whole", tmp_path / "part")

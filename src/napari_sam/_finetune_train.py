@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -133,6 +133,8 @@ def plan_objects(p: Plan, spec, low_res: int, min_area: int) -> list:
 def embed_items(engine, p: Plan, cache, cancelled=None):
     """Embed every planned image/slice: a generator of ``(done, total, message)``; returns the
     items, or None when ``cancelled()`` turned true (what was embedded stays in ``cache``)."""
+    import torch
+
     items = []
     for n, (image, lab, m, name, source) in enumerate(p.work):
         steps = (embed_cached_steps(engine, image, mapping=m, cache=cache) if cache is not None
@@ -147,6 +149,9 @@ def embed_items(engine, p: Plan, cache, cancelled=None):
                 embedding = stop.value
                 break
             yield n + done / max(total, 1), len(p.work), f"embedding {name}"
+        # kept as the cache keeps them (float16): half the memory, and a run that embedded afresh
+        # trains on exactly what a resumed run reads back from the cache
+        embedding = replace(embedding, features=embedding.features.to(torch.float16))
         items.append(_Item(embedding, tuple(lab.shape), name, source))
         yield n + 1, len(p.work), f"embedded {name}"
     return items
